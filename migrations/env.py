@@ -1,0 +1,56 @@
+"""Alembic environment: the database comes from DATABASE_URL, or the embedded server when unset.
+
+`alembic upgrade head --sql` renders the whole schema as one script (e.g. for the Supabase SQL
+editor) without connecting anywhere.
+"""
+
+import os
+
+from alembic import context
+from sqlalchemy import create_engine, pool, text
+
+# Any fixed number works; it only keeps two processes from migrating at once.
+_MIGRATION_LOCK = 7_310_214
+
+
+def _sqlalchemy_url(url: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def run_offline() -> None:
+    context.configure(
+        url="postgresql+psycopg://",
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        transaction_per_migration=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    url = context.config.attributes.get("url") or os.environ.get("DATABASE_URL")
+    if not url:
+        from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+        from retrieval_assets.lib.postgres import embedded_url
+
+        url = embedded_url(os.environ.get("RETRIEVAL_DATA_DIR", DEFAULT_DATA_DIR))
+    engine = create_engine(
+        _sqlalchemy_url(url),
+        poolclass=pool.NullPool,
+        connect_args={"prepare_threshold": None},  # safe behind transaction poolers
+    )
+    with engine.connect() as connection:
+        context.configure(connection=connection, transaction_per_migration=False)
+        with context.begin_transaction():
+            connection.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

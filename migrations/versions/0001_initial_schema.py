@@ -1,0 +1,145 @@
+"""Initial schema: conversations, conversation_chunks (Titan vector column), schema versions,
+HNSW index (replacing any IVFFlat index) and the match RPC functions.
+
+The Titan column's size comes from TITAN_DIMENSIONS (256, 512 or 1024; default 1024) when this
+revision runs; later changes go through `retrieval-assets titan-dims N`, which writes a revision.
+"""
+
+import os
+
+from alembic import op
+
+from retrieval_assets.lib.schema import (
+    TITAN_MODEL_ID,
+    configured_titan_dimensions,
+    hnsw_index_sql,
+    read_sql,
+)
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+# The local columns' sizes are read from their models when the columns are created in LanceDB.
+FASTEMBED_MODEL = os.environ.get("FASTEMBED_MODEL", "BAAI/bge-small-en-v1.5 (local ONNX export)")
+ST_MODEL = os.environ.get("ST_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def upgrade() -> None:
+    dims = configured_titan_dimensions()
+    op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    op.execute(
+        """
+        CREATE TABLE conversations (
+            id             text PRIMARY KEY,
+            user_id        text NOT NULL,
+            title          text,
+            source         text NOT NULL,
+            source_format  text NOT NULL,
+            origin         text NOT NULL,
+            turns          jsonb NOT NULL,
+            turn_count     integer NOT NULL,
+            content_hash   text NOT NULL,
+            chunked_with   text,
+            created_at     timestamptz,
+            updated_at     timestamptz,
+            ingested_at    timestamptz NOT NULL DEFAULT now()
+        )
+        """
+    )
+    op.execute("CREATE INDEX conversations_user_id_idx ON conversations (user_id)")
+    op.execute("CREATE INDEX conversations_source_idx ON conversations (source)")
+    op.execute(
+        f"""
+        CREATE TABLE conversation_chunks (
+            chunk_id         text PRIMARY KEY,
+            user_id          text NOT NULL,
+            conversation_id  text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            tier             text NOT NULL,
+            chunk_index      integer NOT NULL,
+            turn_start       integer NOT NULL,
+            turn_end         integer NOT NULL,
+            roles            text[] NOT NULL,
+            content          text NOT NULL,
+            content_hash     text NOT NULL,
+            token_count      integer NOT NULL,
+            created_at       timestamptz,
+            ingested_at      timestamptz NOT NULL DEFAULT now(),
+            embedding        vector({dims}),
+            embedding_model  text,
+            embedded_at      timestamptz,
+            CONSTRAINT embedding_has_model CHECK ((embedding IS NULL) = (embedding_model IS NULL)),
+            CONSTRAINT turn_span CHECK (turn_start <= turn_end)
+        )
+        """
+    )
+    op.execute(
+        "CREATE INDEX conversation_chunks_conversation_idx ON conversation_chunks (conversation_id)"
+    )
+    op.execute(
+        "CREATE INDEX conversation_chunks_user_tier_idx ON conversation_chunks (user_id, tier)"
+    )
+    # Backfills page through the rows still missing a vector by primary key (keyset, not OFFSET).
+    op.execute(
+        "CREATE INDEX conversation_chunks_missing_embedding_idx "
+        "ON conversation_chunks (chunk_id) WHERE embedding IS NULL"
+    )
+    # An IVFFlat index from an earlier schema would be used instead of HNSW; replace it.
+    op.execute(
+        """
+        DO $$
+        DECLARE idx record;
+        BEGIN
+            FOR idx IN
+                SELECT i.relname FROM pg_index x
+                JOIN pg_class i ON i.oid = x.indexrelid
+                JOIN pg_am am ON am.oid = i.relam
+                WHERE x.indrelid = 'conversation_chunks'::regclass AND am.amname = 'ivfflat'
+            LOOP
+                EXECUTE format('DROP INDEX %I', idx.relname);
+            END LOOP;
+        END $$
+        """
+    )
+    op.execute(hnsw_index_sql())
+    op.execute(
+        """
+        CREATE TABLE embedding_schema_versions (
+            id          bigserial PRIMARY KEY,
+            store       text NOT NULL CHECK (store IN ('postgres', 'lancedb')),
+            table_name  text NOT NULL,
+            column_name text NOT NULL,
+            model       text NOT NULL,
+            dims        integer,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            retired_at  timestamptz
+        )
+        """
+    )
+    op.execute(
+        "CREATE UNIQUE INDEX embedding_schema_versions_current ON embedding_schema_versions "
+        "(store, table_name, column_name) WHERE retired_at IS NULL"
+    )
+    op.execute(
+        f"""
+        INSERT INTO embedding_schema_versions (store, table_name, column_name, model, dims) VALUES
+            ('postgres', 'conversation_chunks', 'embedding', '{TITAN_MODEL_ID}', {dims}),
+            ('lancedb', 'conversation_chunks', 'vector_fastembed', '{FASTEMBED_MODEL}', NULL),
+            ('lancedb', 'conversation_chunks', 'vector', '{ST_MODEL}', NULL)
+        """
+    )
+    op.execute(read_sql("match_conversation_chunks.sql"))
+
+
+def downgrade() -> None:
+    op.execute(
+        "DROP FUNCTION IF EXISTS match_conversation_chunks(vector, double precision, integer, text)"
+    )
+    op.execute(
+        "DROP FUNCTION IF EXISTS match_conversation_chunks_by_tier"
+        "(vector, text, double precision, integer, text)"
+    )
+    op.execute("DROP TABLE IF EXISTS embedding_schema_versions")
+    op.execute("DROP TABLE IF EXISTS conversation_chunks")
+    op.execute("DROP TABLE IF EXISTS conversations")

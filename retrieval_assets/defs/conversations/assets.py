@@ -1,0 +1,245 @@
+"""Raw conversations from the source export, and their chunks in Postgres and LanceDB."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
+from retrieval_assets.lib.ingest import ingest_conversations, mirror_chunks, rebuild_chunks
+from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.parsers import ConversationSourceResource, ParseReport, Problem
+from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.reporting import markdown_histogram, markdown_table
+
+CONVERSATIONS = dg.AssetKey(["postgres", "conversations"])
+POSTGRES_CHUNKS = dg.AssetKey(["postgres", "conversation_chunks"])
+LANCEDB_CHUNKS = dg.AssetKey(["lancedb", "conversation_chunks"])
+GROUP = "conversations"
+SOURCE_READ_CHECK = "source_read_completely"
+TOKEN_BUDGET_CHECK = "chunks_within_token_budget"
+_LOGGED_PROBLEMS = 50
+
+
+def _problem_logger(context: dg.AssetExecutionContext):
+    logged = 0
+
+    def log(problem: Problem) -> None:
+        nonlocal logged
+        logged += 1
+        if logged <= _LOGGED_PROBLEMS:
+            log_fn = context.log.error if problem.severity == "error" else context.log.warning
+            log_fn(f"{problem.severity}: {problem}")
+        elif logged == _LOGGED_PROBLEMS + 1:
+            context.log.warning("further problems are counted in the metadata, not logged")
+
+    return log
+
+
+@dg.asset(
+    key=CONVERSATIONS,
+    group_name=GROUP,
+    kinds={"postgres", "python"},
+    owners=["team:data-platform"],
+    code_version="1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            SOURCE_READ_CHECK,
+            asset=CONVERSATIONS,
+            description="Every file of the source was read to its end and no record was "
+            "rejected whole (otherwise deletions are held back).",
+        )
+    ],
+)
+def conversations(
+    context: dg.AssetExecutionContext,
+    postgres: PostgresResource,
+    conversation_source: ConversationSourceResource,
+) -> dg.MaterializeResult:
+    """Raw conversations as exported by the chat app: one row per conversation with its turns
+    (role, text, time) in order, upserted by id. A conversation that vanished from a cleanly read
+    source is deleted, and its chunks with it in every store."""
+    report = ParseReport(on_problem=_problem_logger(context))
+    with postgres.get_connection() as conn:
+        result = ingest_conversations(
+            conn,
+            conversation_source.read(report),
+            source=conversation_source.source_key,
+            # An empty or partly unreadable read proves nothing about what was deleted.
+            propagate_deletions=lambda: report.complete and report.conversations > 0,
+        )
+        total_conversations, total_turns = conn.execute(
+            "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
+        ).fetchone()
+        preview = conn.execute(
+            "SELECT id, user_id, source_format, turn_count, title FROM conversations "
+            "ORDER BY updated_at DESC NULLS LAST, id LIMIT 10"
+        ).fetchall()
+    if report.conversations == 0 and (report.rejected or report.errors):
+        raise dg.Failure(
+            f"no conversation could be read from {conversation_source.path}",
+            metadata={
+                "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems))
+            },
+        )
+    if result.deletions_skipped:
+        context.log.warning(
+            "deletions not propagated: the source was not read completely or yielded nothing"
+        )
+    context.log.info(
+        f"read {report.conversations} conversations ({report.turns} turns) from "
+        f"{len(report.files)} file(s): {result.inserted} new, {result.updated} changed, "
+        f"{result.unchanged} unchanged, {result.deleted} deleted, {report.rejected} rejected"
+    )
+    problems = "\n".join(f"- **{p.severity}** {p}" for p in report.problems) or "none"
+    return dg.MaterializeResult(
+        metadata={
+            "source": conversation_source.path,
+            "files": len(report.files),
+            "records": report.records,
+            "conversations_read": report.conversations,
+            "turns_read": report.turns,
+            "rejected": report.rejected,
+            "rejected_records": report.rejected_records,
+            "warnings": report.warnings,
+            "errors": report.errors,
+            "inserted": result.inserted,
+            "updated": result.updated,
+            "unchanged": result.unchanged,
+            "deleted": result.deleted,
+            "deletions_propagated": not result.deletions_skipped,
+            "dagster/row_count": total_conversations,
+            "total_turns": total_turns,
+            "problems": dg.MetadataValue.md(problems),
+            "preview": dg.MetadataValue.md(
+                markdown_table(["id", "user", "format", "turns", "title"], preview)
+            ),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=SOURCE_READ_CHECK,
+                passed=report.complete and not report.errors,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "incomplete_files": ", ".join(report.incomplete_files) or "none",
+                    "rejected_records": report.rejected_records,
+                },
+            )
+        ],
+    )
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            POSTGRES_CHUNKS,
+            deps=[CONVERSATIONS],
+            group_name=GROUP,
+            kinds={"postgres"},
+            owners=["team:data-platform"],
+            code_version=f"chunker-v{CHUNKER_VERSION}",
+            description="Turn-aware chunks of every conversation, sized in tokens of the "
+            "embedding model's tokenizer, with speaker roles, turn span and tier; the Titan "
+            "vector column starts NULL.",
+        ),
+        dg.AssetSpec(
+            LANCEDB_CHUNKS,
+            deps=[POSTGRES_CHUNKS],
+            group_name=GROUP,
+            kinds={"lancedb"},
+            owners=["team:data-platform"],
+            code_version=f"chunker-v{CHUNKER_VERSION}",
+            description="The same chunks in LanceDB, where the FastEmbed and "
+            "sentence-transformers vector columns live; kept equal to Postgres by chunk id.",
+        ),
+    ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            TOKEN_BUDGET_CHECK,
+            asset=POSTGRES_CHUNKS,
+            description="No chunk holds more tokens than its tier allows.",
+        )
+    ],
+)
+def conversation_chunks(
+    context: dg.AssetExecutionContext,
+    postgres: PostgresResource,
+    lancedb: LanceDBResource,
+    chunker: ChunkerResource,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """Chunks only the conversations that changed since their last chunking, then mirrors."""
+    tiers = chunker.chunker.tiers
+    with postgres.get_connection() as conn:
+        result = rebuild_chunks(conn, chunker.chunker)
+        context.log.info(
+            f"re-chunked {result.conversations} conversations: {result.chunks_inserted} chunks "
+            f"added, {result.chunks_removed} removed"
+        )
+        stats = conn.execute(
+            "SELECT tier, count(*), avg(token_count)::float, "
+            "percentile_disc(0.5) WITHIN GROUP (ORDER BY token_count), "
+            "percentile_disc(0.95) WITHIN GROUP (ORDER BY token_count), max(token_count) "
+            "FROM conversation_chunks GROUP BY tier ORDER BY tier"
+        ).fetchall()
+        histogram = conn.execute(
+            "SELECT width_bucket(token_count, 0, 256, 8) AS b, count(*) FROM conversation_chunks "
+            "GROUP BY b ORDER BY b"
+        ).fetchall()
+        over_budget = sum(
+            conn.execute(
+                "SELECT count(*) FROM conversation_chunks WHERE tier = %s AND token_count > %s",
+                [t.name, t.max_tokens],
+            ).fetchone()[0]
+            for t in tiers
+        )
+        preview = conn.execute(
+            "SELECT conversation_id, tier, turn_start || '-' || turn_end, "
+            "array_to_string(roles, ','), token_count, content FROM conversation_chunks "
+            "ORDER BY ingested_at DESC, chunk_id LIMIT 8"
+        ).fetchall()
+        with lancedb.get_connection() as db:
+            mirrored = mirror_chunks(conn, lancedb.chunks_table(db))
+    total = sum(row[1] for row in stats)
+    token_meta: dict[str, float | int] = {}
+    for tier, count, mean, p50, p95, biggest in stats:
+        token_meta |= {
+            f"{tier}_chunks": count,
+            f"{tier}_tokens_mean": round(mean, 1),
+            f"{tier}_tokens_p50": p50,
+            f"{tier}_tokens_p95": p95,
+            f"{tier}_tokens_max": biggest,
+        }
+    buckets = [
+        (f"{(b - 1) * 32:>3}-{b * 32 - 1:<3}" if b <= 8 else "256+", n) for b, n in histogram
+    ]
+    yield dg.MaterializeResult(
+        asset_key=POSTGRES_CHUNKS,
+        metadata={
+            "dagster/row_count": total,
+            "conversations_rechunked": result.conversations,
+            "chunks_added": result.chunks_inserted,
+            "chunks_removed": result.chunks_removed,
+            "chunker": chunker.chunker.signature,
+            **token_meta,
+            "token_length_distribution": dg.MetadataValue.md(markdown_histogram(buckets)),
+            "preview": dg.MetadataValue.md(
+                markdown_table(
+                    ["conversation", "tier", "turns", "roles", "tokens", "content"], preview
+                )
+            ),
+        },
+    )
+    yield dg.AssetCheckResult(
+        asset_key=POSTGRES_CHUNKS,
+        check_name=TOKEN_BUDGET_CHECK,
+        passed=over_budget == 0,
+        metadata={"chunks_over_budget": over_budget},
+    )
+    yield dg.MaterializeResult(
+        asset_key=LANCEDB_CHUNKS,
+        metadata={
+            "dagster/row_count": mirrored.rows,
+            "rows_inserted": mirrored.inserted,
+            "rows_deleted": mirrored.deleted,
+            "uri": lancedb.uri,
+        },
+    )

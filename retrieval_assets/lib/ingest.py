@@ -1,0 +1,249 @@
+"""Writing parsed conversations and their chunks to Postgres, and mirroring chunks to LanceDB.
+
+Every write goes through a temporary staging table filled by COPY and one set-based statement, in
+one transaction: a failure anywhere leaves the stores as they were (never half-written).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import psycopg
+
+from retrieval_assets.lib.chunking import Chunk, Chunker
+from retrieval_assets.lib.lancedb_store import (
+    CHUNK_COLUMNS,
+    delete_ids,
+    insert_missing,
+    rows_to_arrow,
+    table_ids,
+)
+from retrieval_assets.lib.parsers import Conversation, Turn, parse_timestamp
+
+_CONVERSATION_COLUMNS = (
+    "id, user_id, title, source, source_format, origin, turns, turn_count, content_hash, "
+    "created_at, updated_at"
+)
+_CHUNK_INSERT_COLUMNS = ", ".join(CHUNK_COLUMNS)
+_READ_BATCH = 500
+_MIRROR_BATCH = 5_000
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of up to `size` items (itertools.batched arrives only in Python 3.12)."""
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+@dataclass
+class IngestResult:
+    staged: int = 0
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    deletions_skipped: bool = False
+
+    @property
+    def unchanged(self) -> int:
+        return self.staged - self.inserted - self.updated
+
+
+def ingest_conversations(
+    conn: psycopg.Connection,
+    conversations: Iterable[Conversation],
+    *,
+    source: str,
+    propagate_deletions: Callable[[], bool],
+) -> IngestResult:
+    """Upsert `conversations` (streamed) for `source`; delete its vanished ones if allowed.
+
+    `propagate_deletions` is asked after the stream is exhausted: only a complete, clean read of
+    the source may delete conversations that are absent from it.
+    """
+    result = IngestResult()
+    with conn.transaction():
+        conn.execute(
+            "CREATE TEMP TABLE staging_conversations "
+            "(LIKE conversations INCLUDING DEFAULTS) ON COMMIT DROP"
+        )
+        with conn.cursor().copy(
+            f"COPY staging_conversations ({_CONVERSATION_COLUMNS}) FROM STDIN"
+        ) as copy:
+            for c in conversations:
+                copy.write_row(
+                    (
+                        c.id,
+                        c.user_id,
+                        c.title,
+                        source,
+                        c.source_format,
+                        c.origin,
+                        json.dumps(c.turns_json(), ensure_ascii=False),
+                        len(c.turns),
+                        c.content_hash,
+                        c.created_at,
+                        c.updated_at,
+                    )
+                )
+                result.staged += 1
+        inserted, updated = conn.execute(
+            f"""
+            WITH upserted AS (
+                INSERT INTO conversations AS c ({_CONVERSATION_COLUMNS})
+                SELECT {_CONVERSATION_COLUMNS} FROM staging_conversations
+                ON CONFLICT (id) DO UPDATE SET
+                    user_id = EXCLUDED.user_id, title = EXCLUDED.title, source = EXCLUDED.source,
+                    source_format = EXCLUDED.source_format, origin = EXCLUDED.origin,
+                    turns = EXCLUDED.turns, turn_count = EXCLUDED.turn_count,
+                    content_hash = EXCLUDED.content_hash, created_at = EXCLUDED.created_at,
+                    updated_at = EXCLUDED.updated_at, ingested_at = now()
+                WHERE c.content_hash IS DISTINCT FROM EXCLUDED.content_hash
+                   OR c.user_id IS DISTINCT FROM EXCLUDED.user_id
+                   OR c.source IS DISTINCT FROM EXCLUDED.source
+                RETURNING (xmax = 0) AS inserted
+            )
+            SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
+            FROM upserted
+            """
+        ).fetchone()
+        result.inserted, result.updated = inserted, updated
+        if propagate_deletions():
+            result.deleted = conn.execute(
+                "DELETE FROM conversations c WHERE c.source = %s AND NOT EXISTS "
+                "(SELECT 1 FROM staging_conversations s WHERE s.id = c.id)",
+                [source],
+            ).rowcount
+        else:
+            result.deletions_skipped = True
+    return result
+
+
+@dataclass
+class ChunkResult:
+    conversations: int = 0
+    chunks_written: int = 0
+    chunks_inserted: int = 0
+    chunks_removed: int = 0
+
+
+def _conversation_from_row(row: tuple[Any, ...]) -> Conversation:
+    conv_id, user_id, title, source_format, origin, turns, created_at, updated_at = row
+    return Conversation(
+        id=conv_id,
+        user_id=user_id,
+        title=title,
+        source_format=source_format,
+        origin=origin,
+        turns=tuple(
+            Turn(t["role"], t["content"], parse_timestamp(t.get("created_at"))) for t in turns
+        ),
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+def _stale_batches(conn: psycopg.Connection, signature: str) -> Iterator[list[Conversation]]:
+    """Batches of conversations whose chunks are missing or came from other content/settings."""
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM conversations "
+            "WHERE chunked_with IS DISTINCT FROM content_hash || '|' || %s ORDER BY id",
+            [signature],
+        )
+    ]
+    for batch in batched(ids, _READ_BATCH):
+        rows = conn.execute(
+            "SELECT id, user_id, title, source_format, origin, turns, created_at, updated_at "
+            "FROM conversations WHERE id = ANY(%s) ORDER BY id",
+            [batch],
+        )
+        yield [_conversation_from_row(r) for r in rows]
+
+
+def rebuild_chunks(conn: psycopg.Connection, chunker: Chunker) -> ChunkResult:
+    """Re-chunk every conversation that changed since it was last chunked, in one transaction.
+
+    Chunks whose id survives keep their row (and so their embedding); chunks that no longer
+    exist are deleted; new ones are inserted with NULL embeddings for the embedding assets.
+    """
+    result = ChunkResult()
+    with conn.transaction():
+        conn.execute(
+            "CREATE TEMP TABLE staging_chunks (LIKE conversation_chunks INCLUDING DEFAULTS) "
+            "ON COMMIT DROP"
+        )
+        conn.execute("CREATE TEMP TABLE rechunked (id text PRIMARY KEY) ON COMMIT DROP")
+        with conn.cursor() as cur:
+            for batch in _stale_batches(conn, chunker.signature):
+                with cur.copy("COPY rechunked (id) FROM STDIN") as copy:
+                    for conversation in batch:
+                        copy.write_row((conversation.id,))
+                with cur.copy(f"COPY staging_chunks ({_CHUNK_INSERT_COLUMNS}) FROM STDIN") as copy:
+                    for conversation in batch:
+                        for chunk in chunker.chunk(conversation):
+                            copy.write_row(_chunk_row(chunk))
+                            result.chunks_written += 1
+                result.conversations += len(batch)
+        result.chunks_removed = conn.execute(
+            "DELETE FROM conversation_chunks c USING rechunked r "
+            "WHERE c.conversation_id = r.id AND NOT EXISTS "
+            "(SELECT 1 FROM staging_chunks s WHERE s.chunk_id = c.chunk_id)"
+        ).rowcount
+        result.chunks_inserted = conn.execute(
+            f"INSERT INTO conversation_chunks ({_CHUNK_INSERT_COLUMNS}) "
+            f"SELECT {_CHUNK_INSERT_COLUMNS} FROM staging_chunks ON CONFLICT (chunk_id) DO NOTHING"
+        ).rowcount
+        conn.execute(
+            "UPDATE conversations c SET chunked_with = c.content_hash || '|' || %s "
+            "FROM rechunked r WHERE c.id = r.id",
+            [chunker.signature],
+        )
+    return result
+
+
+def _chunk_row(chunk: Chunk) -> tuple[Any, ...]:
+    return (
+        chunk.chunk_id,
+        chunk.user_id,
+        chunk.conversation_id,
+        chunk.tier,
+        chunk.chunk_index,
+        chunk.turn_start,
+        chunk.turn_end,
+        list(chunk.roles),
+        chunk.content,
+        chunk.content_hash,
+        chunk.token_count,
+        chunk.created_at,
+    )
+
+
+@dataclass
+class MirrorResult:
+    inserted: int = 0
+    deleted: int = 0
+    rows: int = 0
+
+
+def mirror_chunks(conn: psycopg.Connection, table: Any) -> MirrorResult:
+    """Make the LanceDB chunk table hold exactly the Postgres chunk ids (vectors untouched)."""
+    postgres_ids = {r[0] for r in conn.execute("SELECT chunk_id FROM conversation_chunks")}
+    lance_ids = table_ids(table)
+    missing = sorted(postgres_ids - lance_ids)
+    result = MirrorResult()
+    for batch in batched(missing, _MIRROR_BATCH):
+        rows = conn.execute(
+            f"SELECT {_CHUNK_INSERT_COLUMNS} FROM conversation_chunks WHERE chunk_id = ANY(%s)",
+            [batch],
+        ).fetchall()
+        insert_missing(table, rows_to_arrow(rows))
+        result.inserted += len(rows)
+    result.deleted = delete_ids(table, lance_ids - postgres_ids)
+    result.rows = table.count_rows()
+    return result

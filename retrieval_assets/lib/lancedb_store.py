@@ -1,0 +1,109 @@
+"""The LanceDB resource and the chunk table it holds.
+
+LanceDB's `conversation_chunks` mirrors the Postgres chunk rows (without the Titan vector) and adds
+the local vector columns. Postgres is the source of truth for which chunks exist; `mirror_chunks`
+makes LanceDB agree by chunk id, so a crashed or partial write heals on the next run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import dagster as dg
+from pydantic import Field
+
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+
+if TYPE_CHECKING:
+    import lancedb
+    import pyarrow as pa
+
+CHUNKS_TABLE = "conversation_chunks"
+# Chunk ids are our own hex digests; anything else must never reach a filter string.
+_CHUNK_ID = re.compile(r"^[0-9a-f]{32}$")
+_DELETE_BATCH = 2_000
+
+
+def chunk_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("chunk_id", pa.string(), nullable=False),
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("conversation_id", pa.string(), nullable=False),
+            pa.field("tier", pa.string(), nullable=False),
+            pa.field("chunk_index", pa.int32(), nullable=False),
+            pa.field("turn_start", pa.int32(), nullable=False),
+            pa.field("turn_end", pa.int32(), nullable=False),
+            pa.field("roles", pa.list_(pa.string()), nullable=False),
+            pa.field("content", pa.string(), nullable=False),
+            pa.field("content_hash", pa.string(), nullable=False),
+            pa.field("token_count", pa.int32(), nullable=False),
+            pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+
+
+CHUNK_COLUMNS = tuple(chunk_schema().names)
+
+
+class LanceDBResource(dg.ConfigurableResource):
+    """LanceDB: chunks with FastEmbed (coarse) and sentence-transformers (fine) vectors."""
+
+    uri: str = Field(
+        default=str(DEFAULT_DATA_DIR / "lancedb"),
+        description="LanceDB URI: a local directory, or object storage such as s3://bucket/path.",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Object-store options passed to lancedb.connect (region, endpoint, keys).",
+    )
+
+    @contextmanager
+    def get_connection(self) -> Iterator[lancedb.DBConnection]:
+        import lancedb
+
+        yield lancedb.connect(self.uri, storage_options=self.storage_options or None)
+
+    def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
+        """The chunk table, created empty on first use."""
+        return db.create_table(CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True)
+
+
+def table_ids(table: Any, column: str = "chunk_id") -> set[str]:
+    ids = table.search().select([column]).limit(None).to_arrow().column(column)
+    return set(ids.to_pylist())
+
+
+def rows_to_arrow(rows: Iterable[tuple]) -> pa.Table:
+    """Postgres rows in CHUNK_COLUMNS order → an Arrow table of the chunk schema."""
+    import pyarrow as pa
+
+    columns = list(zip(*rows, strict=True)) or [[] for _ in CHUNK_COLUMNS]
+    schema = chunk_schema()
+    return pa.table(
+        [pa.array(list(c), type=f.type) for c, f in zip(columns, schema, strict=True)],
+        schema=schema,
+    )
+
+
+def insert_missing(table: Any, batch: pa.Table) -> None:
+    """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay."""
+    if batch.num_rows:
+        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(batch)
+
+
+def delete_ids(table: Any, ids: Iterable[str]) -> int:
+    """Delete rows by chunk id, in batches; returns how many ids were asked for."""
+    pending = sorted(ids)
+    for chunk_id in pending:
+        if not _CHUNK_ID.match(chunk_id):
+            raise ValueError(f"refusing to delete by malformed chunk id {chunk_id!r}")
+    for i in range(0, len(pending), _DELETE_BATCH):
+        quoted = ", ".join(f"'{c}'" for c in pending[i : i + _DELETE_BATCH])
+        table.delete(f"chunk_id IN ({quoted})")
+    return len(pending)

