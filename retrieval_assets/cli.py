@@ -1,0 +1,142 @@
+"""Command line: run the whole graph, show the stores' state, change the Titan dimensions.
+
+retrieval-assets run                 materialize every asset (embedded default unless configured)
+retrieval-assets status              counts per store and the NULL backlog
+retrieval-assets titan-dims 512      write (and on the embedded default, apply) the migration
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, PROJECT_ROOT
+
+MAIN_JOB = "retrieval_job"
+
+
+def _ensure_dagster_home() -> None:
+    """Runs started here land in the same instance `dagster dev` shows (see ./dev)."""
+    home = os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DATA_DIR / "dagster"))
+    os.makedirs(home, exist_ok=True)
+    link = os.path.join(home, "dagster.yaml")
+    if not os.path.exists(link):
+        os.symlink(PROJECT_ROOT / "dagster.yaml", link)
+
+
+def _resources():
+    from retrieval_assets.defs.resources import defs
+
+    return defs.resources
+
+
+def cmd_run(_: argparse.Namespace) -> int:
+    _ensure_dagster_home()
+    import dagster as dg
+
+    from retrieval_assets.definitions import defs
+
+    started = time.monotonic()
+    job = defs().resolve_job_def(MAIN_JOB)
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        )
+    print(
+        f"\n{MAIN_JOB}: {'succeeded' if result.success else 'FAILED'} "
+        f"in {time.monotonic() - started:.1f}s (run {result.run_id})"
+    )
+    for event in result.get_asset_materialization_events():
+        mat = event.materialization
+        meta = {k: v.value for k, v in mat.metadata.items() if not hasattr(v, "md_str")}
+        shown = ", ".join(
+            f"{k}={v}"
+            for k, v in meta.items()
+            if isinstance(v, int | float | bool) and not k.startswith("dagster/")
+        )
+        rows = meta.get("dagster/row_count")
+        print(f"  {mat.asset_key.to_user_string():<32} rows={rows}  {shown}")
+    for check in result.get_asset_check_evaluations():
+        print(
+            f"  check {check.asset_key.to_user_string()}:{check.check_name} "
+            f"{'passed' if check.passed else 'FAILED'}"
+        )
+    if not result.success:
+        for event in result.all_events:
+            if event.is_failure and event.step_failure_data:
+                print(f"\n{event.step_key}: {event.step_failure_data.error.message}")
+    return 0 if result.success else 1
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    resources = _resources()
+    postgres = resources["postgres"]
+    with postgres.get_connection() as conn:
+        conversations = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
+        chunks, missing = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE embedding IS NULL) FROM conversation_chunks"
+        ).fetchone()
+    print(
+        f"postgres: {conversations} conversations, {chunks} chunks, "
+        f"{missing} without a Titan vector"
+    )
+    lancedb = resources["lancedb"]
+    with lancedb.get_connection() as db:
+        print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.uri}")
+    return 0
+
+
+def cmd_titan_dims(args: argparse.Namespace) -> int:
+    from retrieval_assets.lib.schema import (
+        embedding_dims,
+        ensure_schema,
+        validate_titan_dimensions,
+        write_titan_dims_revision,
+    )
+
+    new = validate_titan_dimensions(args.dims)
+    postgres = _resources()["postgres"]
+    with postgres.get_connection() as conn:
+        old = embedding_dims(conn)
+    if old == new:
+        print(f"conversation_chunks.embedding is already vector({new}); nothing to do")
+        return 0
+    path = write_titan_dims_revision(old, new)
+    print(f"wrote {path.relative_to(PROJECT_ROOT)}: vector({old}) -> vector({new}); commit it")
+    if postgres.embedded:
+        ensure_schema(postgres.url, upgrade=True)
+        print(
+            "applied to the embedded database; set TITAN_DIMENSIONS="
+            f"{new} so the Bedrock resource asks Titan for {new} dimensions"
+        )
+    else:
+        print("apply with `alembic upgrade head` (or `--sql` for the Supabase SQL editor)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="retrieval-assets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="materialize the whole graph").set_defaults(fn=cmd_run)
+    sub.add_parser("status", help="store counts and NULL backlog").set_defaults(fn=cmd_status)
+    dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
+    dims.add_argument("dims", help="256, 512 or 1024")
+    dims.set_defaults(fn=cmd_titan_dims)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
