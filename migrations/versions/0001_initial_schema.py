@@ -1,5 +1,5 @@
-"""Initial schema: conversations, conversation_chunks (Titan vector column), schema versions,
-HNSW index (replacing any IVFFlat index) and the match RPC functions.
+"""Initial schema: conversations, conversation_chunks (Titan vector column), schema versions
+and the match RPC functions. The vector index is revision 0002.
 
 The Titan column's size comes from TITAN_DIMENSIONS (256, 512 or 1024; default 1024) when this
 revision runs; later changes go through `retrieval-assets titan-dims N`, which writes a revision.
@@ -12,7 +12,6 @@ from alembic import op
 from retrieval_assets.lib.schema import (
     TITAN_MODEL_ID,
     configured_titan_dimensions,
-    hnsw_index_sql,
     read_sql,
 )
 
@@ -85,24 +84,6 @@ def upgrade() -> None:
         "CREATE INDEX conversation_chunks_missing_embedding_idx "
         "ON conversation_chunks (chunk_id) WHERE embedding IS NULL"
     )
-    # An IVFFlat index from an earlier schema would be used instead of HNSW; replace it.
-    op.execute(
-        """
-        DO $$
-        DECLARE idx record;
-        BEGIN
-            FOR idx IN
-                SELECT i.relname FROM pg_index x
-                JOIN pg_class i ON i.oid = x.indexrelid
-                JOIN pg_am am ON am.oid = i.relam
-                WHERE x.indrelid = 'conversation_chunks'::regclass AND am.amname = 'ivfflat'
-            LOOP
-                EXECUTE format('DROP INDEX %I', idx.relname);
-            END LOOP;
-        END $$
-        """
-    )
-    op.execute(hnsw_index_sql())
     op.execute(
         """
         CREATE TABLE embedding_schema_versions (

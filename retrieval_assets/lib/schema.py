@@ -47,20 +47,21 @@ def read_sql(name: str) -> str:
     return (SQL_DIR / name).read_text()
 
 
-def alembic_config(url: str | None = None):
+def alembic_config(url: str | None = None, script_location: Path | None = None):
+    """Alembic's configuration (from pyproject.toml), bound to `url` when given."""
     from alembic.config import Config
 
     cfg = Config(toml_file=str(PROJECT_ROOT / "pyproject.toml"))
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(script_location or MIGRATIONS_DIR))
     if url:
         cfg.attributes["url"] = url
     return cfg
 
 
-def head_revision() -> str:
+def head_revision(cfg=None) -> str:
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(cfg or alembic_config()).get_current_head()
     assert head is not None
     return head
 
@@ -76,16 +77,18 @@ def current_revision(url: str) -> str | None:
         return row[0] if row else None
 
 
-def ensure_schema(url: str, *, upgrade: bool) -> None:
+def ensure_schema(url: str, *, upgrade: bool, cfg=None) -> None:
     """Bring the schema to head (`upgrade=True`), or fail saying how to."""
-    head = head_revision()
+    cfg = cfg or alembic_config(url)
+    cfg.attributes["url"] = url
+    head = head_revision(cfg)
     current = current_revision(url)
     if current == head:
         return
     if upgrade:
         from alembic import command
 
-        command.upgrade(alembic_config(url), "head")
+        command.upgrade(cfg, "head")
         return
     raise SchemaNotReady(
         f"the database schema is at revision {current or '(none)'} but this code needs {head}. "
@@ -160,12 +163,13 @@ def downgrade() -> None:
 '''
 
 
-def write_titan_dims_revision(old: int, new: int, versions_dir: Path | None = None) -> Path:
+def write_titan_dims_revision(old: int, new: int, cfg=None) -> Path:
     """Write the Alembic revision that changes the Titan column from `old` to `new` dimensions."""
     new, old = validate_titan_dimensions(new), validate_titan_dimensions(old)
-    versions = versions_dir or MIGRATIONS_DIR / "versions"
+    cfg = cfg or alembic_config()
+    versions = Path(cfg.get_main_option("script_location")) / "versions"
     numbers = [int(m.group(1)) for p in versions.glob("*.py") if (m := re.match(r"(\d+)_", p.name))]
     rev = f"{max(numbers, default=0) + 1:04d}"
     path = versions / f"{rev}_titan_dims_{new}.py"
-    path.write_text(_REVISION_TEMPLATE.format(old=old, new=new, rev=rev, down=head_revision()))
+    path.write_text(_REVISION_TEMPLATE.format(old=old, new=new, rev=rev, down=head_revision(cfg)))
     return path

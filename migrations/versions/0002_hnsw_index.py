@@ -1,0 +1,39 @@
+"""HNSW index on the Titan vectors (m=16, ef_construction=64, cosine), replacing IVFFlat.
+
+The seed deployments carried an IVFFlat index on conversation_chunks.embedding; the planner
+would keep using it (and its recall depends on `lists`/`probes` tuned to the data at build
+time), so every IVFFlat index on the table is dropped before the HNSW index is built.
+"""
+
+from alembic import op
+
+from retrieval_assets.lib.schema import HNSW_INDEX, hnsw_index_sql
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        """
+        DO $$
+        DECLARE idx record;
+        BEGIN
+            FOR idx IN
+                SELECT i.relname FROM pg_index x
+                JOIN pg_class i ON i.oid = x.indexrelid
+                JOIN pg_am am ON am.oid = i.relam
+                WHERE x.indrelid = 'conversation_chunks'::regclass AND am.amname = 'ivfflat'
+            LOOP
+                EXECUTE format('DROP INDEX %I', idx.relname);
+            END LOOP;
+        END $$
+        """
+    )
+    op.execute(hnsw_index_sql())
+
+
+def downgrade() -> None:
+    op.execute(f"DROP INDEX IF EXISTS {HNSW_INDEX}")

@@ -1,0 +1,53 @@
+"""The code location loads, quickly and without heavy imports, with the expected inventory."""
+
+import subprocess
+import sys
+
+import dagster as dg
+
+from retrieval_assets.definitions import defs
+
+EXPECTED_ASSETS = {
+    "postgres/conversations",
+    "postgres/conversation_chunks",
+    "lancedb/conversation_chunks",
+}
+EXPECTED_RESOURCES = {"postgres", "lancedb", "conversation_source", "chunker"}
+
+
+def test_definitions_load_with_expected_assets_and_resources():
+    loaded = defs()
+    keys = {k.to_user_string() for k in loaded.resolve_asset_graph().get_all_asset_keys()}
+    assert EXPECTED_ASSETS <= keys
+    assert EXPECTED_RESOURCES <= set(loaded.resources)
+    assert loaded.resolve_job_def("retrieval_job") is not None
+    dg.Definitions.validate_loadable(loaded)
+
+
+def test_every_asset_is_described_grouped_and_versioned():
+    graph = defs().resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.description, f"{key} has no description"
+        assert node.group_name != "default", f"{key} has no group"
+        assert node.code_version, f"{key} has no code_version"
+        assert node.kinds, f"{key} has no kinds"
+
+
+def test_loading_the_code_location_imports_no_model_or_store_library():
+    probe = (
+        "import sys; from retrieval_assets.definitions import defs; defs(); "
+        "heavy = [m for m in ('torch', 'sentence_transformers', 'fastembed', 'lancedb', "
+        "'onnxruntime', 'tokenizers') if m in sys.modules]; print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_workspace_yaml_loads_through_dagster_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

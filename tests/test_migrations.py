@@ -1,0 +1,183 @@
+"""Alembic owns the schema: up, down, up again; offline SQL; Titan dimension changes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from alembic import command
+
+from retrieval_assets.lib.paths import MIGRATIONS_DIR
+from retrieval_assets.lib.postgres import connect, embedded_url
+from retrieval_assets.lib.schema import (
+    SchemaNotReady,
+    alembic_config,
+    current_revision,
+    embedding_dims,
+    ensure_schema,
+    head_revision,
+    write_titan_dims_revision,
+)
+
+
+@pytest.fixture(scope="module")
+def fresh_url(tmp_path_factory) -> str:
+    """A server of its own: these tests drop and recreate the whole schema."""
+    return embedded_url(tmp_path_factory.mktemp("pg-migrations"))
+
+
+def tables(url: str) -> set[str]:
+    with connect(url) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {r[0] for r in rows}
+
+
+def index_method(url: str, index: str) -> str | None:
+    with connect(url) as conn:
+        row = conn.execute(
+            "SELECT am.amname FROM pg_class i JOIN pg_am am ON am.oid = i.relam "
+            "WHERE i.relname = %s",
+            [index],
+        ).fetchone()
+        return row[0] if row else None
+
+
+def test_upgrade_downgrade_upgrade(fresh_url):
+    cfg = alembic_config(fresh_url)
+    command.upgrade(cfg, "head")
+    assert {"conversations", "conversation_chunks", "embedding_schema_versions"} <= tables(
+        fresh_url
+    )
+    assert index_method(fresh_url, "conversation_chunks_embedding_hnsw") == "hnsw"
+    with connect(fresh_url) as conn:
+        seeded = conn.execute(
+            "SELECT store, column_name, model, dims FROM embedding_schema_versions "
+            "WHERE retired_at IS NULL ORDER BY store, column_name"
+        ).fetchall()
+        functions = {
+            r[0]
+            for r in conn.execute(
+                "SELECT proname FROM pg_proc WHERE proname LIKE 'match_conversation_chunks%'"
+            )
+        }
+    assert [(s, c) for s, c, _, _ in seeded] == [
+        ("lancedb", "vector"),
+        ("lancedb", "vector_fastembed"),
+        ("postgres", "embedding"),
+    ]
+    assert seeded[2][2:] == ("amazon.titan-embed-text-v2:0", 1024)
+    assert functions == {"match_conversation_chunks", "match_conversation_chunks_by_tier"}
+
+    command.downgrade(cfg, "base")
+    assert tables(fresh_url) == {"alembic_version"}
+    assert current_revision(fresh_url) is None
+    command.upgrade(cfg, "head")
+    assert current_revision(fresh_url) == head_revision()
+
+
+def test_upgrade_replaces_an_ivfflat_index(fresh_url):
+    cfg = alembic_config(fresh_url)
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0001")
+    with connect(fresh_url) as conn:  # the index the seed deployments carried
+        conn.execute(
+            "CREATE INDEX conversation_chunks_embedding_ivfflat ON conversation_chunks "
+            "USING ivfflat (embedding vector_cosine_ops) WITH (lists = 10)"
+        )
+    command.upgrade(cfg, "head")
+    assert index_method(fresh_url, "conversation_chunks_embedding_ivfflat") is None
+    assert index_method(fresh_url, "conversation_chunks_embedding_hnsw") == "hnsw"
+    command.downgrade(cfg, "0001")
+    assert index_method(fresh_url, "conversation_chunks_embedding_hnsw") is None
+    command.upgrade(cfg, "head")
+
+
+def test_production_database_behind_head_is_a_clear_error(fresh_url):
+    command.downgrade(alembic_config(fresh_url), "base")
+    with pytest.raises(SchemaNotReady, match="alembic upgrade head"):
+        ensure_schema(fresh_url, upgrade=False)
+    ensure_schema(fresh_url, upgrade=True)
+    assert current_revision(fresh_url) == head_revision()
+
+
+def test_offline_sql_renders_a_pasteable_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sql = out.stdout
+    assert "CREATE TABLE conversation_chunks" in sql
+    assert "embedding        vector(1024)" in sql
+    assert "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)" in sql
+    assert "CREATE OR REPLACE FUNCTION match_conversation_chunks_by_tier" in sql
+    assert sql.rstrip().endswith("COMMIT;")
+
+
+def test_titan_dimensions_come_from_the_environment_and_768_is_refused():
+    env_sql = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "TITAN_DIMENSIONS": "512"},
+    ).stdout
+    assert "vector(512)" in env_sql
+    bad = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "TITAN_DIMENSIONS": "768"},
+    )
+    assert bad.returncode != 0
+    assert "must be one of 256, 512, 1024; got '768'" in bad.stderr
+
+
+def test_changing_titan_dimensions_migrates_without_mixing_vectors(fresh_url, tmp_path):
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, scripts)
+    cfg = alembic_config(fresh_url, script_location=scripts)
+    ensure_schema(fresh_url, upgrade=True, cfg=cfg)
+    with connect(fresh_url) as conn:
+        conn.execute("TRUNCATE conversations CASCADE")
+        conn.execute(
+            "INSERT INTO conversations (id, user_id, source, source_format, origin, "
+            "turns, turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+        )
+        conn.execute(
+            "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
+            "chunk_index,"
+            " turn_start, turn_end, roles, content, content_hash, token_count, embedding,"
+            " embedding_model) VALUES ('k', 'u', 'c', 'medium', 0, 0, 0, '{user}', 't', 'h', 1,"
+            " array_fill(0.1, ARRAY[1024])::vector, 'titan')"
+        )
+        assert embedding_dims(conn) == 1024
+
+    revision = write_titan_dims_revision(1024, 512, cfg=cfg)
+    assert revision.parent == scripts / "versions"
+    assert not (MIGRATIONS_DIR / "versions" / revision.name).exists()
+    command.upgrade(cfg, "head")
+    with connect(fresh_url) as conn:
+        assert embedding_dims(conn) == 512
+        assert conn.execute(
+            "SELECT embedding, embedding_model FROM conversation_chunks"
+        ).fetchone() == (None, None)
+        current = conn.execute(
+            "SELECT dims FROM embedding_schema_versions WHERE store = "
+            "'postgres' AND retired_at IS NULL"
+        ).fetchall()
+        retired = conn.execute(
+            "SELECT count(*) FROM embedding_schema_versions WHERE store = "
+            "'postgres' AND retired_at IS NOT NULL"
+        ).fetchone()[0]
+    assert current == [(512,)] and retired == 1
+    assert index_method(fresh_url, "conversation_chunks_embedding_hnsw") == "hnsw"
+
+    command.downgrade(cfg, "-1")
+    with connect(fresh_url) as conn:
+        assert embedding_dims(conn) == 1024
+    command.downgrade(cfg, "base")
+    command.upgrade(alembic_config(fresh_url), "head")
