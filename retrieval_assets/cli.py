@@ -67,8 +67,11 @@ def cmd_run(_: argparse.Namespace) -> int:
         )
     if not result.success:
         for event in result.all_events:
-            if event.is_failure and event.step_failure_data:
-                print(f"\n{event.step_key}: {event.step_failure_data.error.message}")
+            if event.is_step_failure:
+                error = event.step_failure_data.error
+                while error.cause is not None:  # the user code's error, not Dagster's wrapper
+                    error = error.cause
+                print(f"\n{event.step_key} failed: {error.cls_name}: {error.message.strip()}")
     return 0 if result.success else 1
 
 
@@ -87,6 +90,36 @@ def cmd_status(_: argparse.Namespace) -> int:
     lancedb = resources["lancedb"]
     with lancedb.get_connection() as db:
         print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.uri}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from retrieval_assets.lib.search import search
+
+    resources = _resources()
+    lancedb = resources["lancedb"]
+    with lancedb.get_connection() as db:
+        hits = search(
+            lancedb.chunks_table(db),
+            resources["fastembed"],
+            resources["sentence_transformer"],
+            args.query,
+            k=args.k,
+            user=args.user,
+        )
+    if not hits:
+        print("no results (has the graph been materialized?)")
+        return 1
+    for rank, hit in enumerate(hits, 1):
+        how = "rerank" if hit.reranked else "coarse"
+        speaker = "/".join(hit.roles)
+        print(
+            f"{rank:>2}. {hit.score:.3f} ({how}; coarse {hit.coarse_score:.3f})  "
+            f"{speaker}  conversation {hit.conversation_id} turns {hit.turn_start}-"
+            f"{hit.turn_end}  user {hit.user_id}"
+        )
+        text = " ".join(hit.content.split())
+        print(f"    {text[:160]}{'…' if len(text) > 160 else ''}")
     return 0
 
 
@@ -127,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="materialize the whole graph").set_defaults(fn=cmd_run)
     sub.add_parser("status", help="store counts and NULL backlog").set_defaults(fn=cmd_status)
+    find = sub.add_parser("search", help="two-stage search: coarse top-100, then rerank")
+    find.add_argument("query")
+    find.add_argument("-k", type=int, default=5, help="results to show (default 5)")
+    find.add_argument("--user", help="only this user's chunks")
+    find.set_defaults(fn=cmd_search)
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")
     dims.set_defaults(fn=cmd_titan_dims)

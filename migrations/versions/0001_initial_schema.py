@@ -9,6 +9,12 @@ import os
 
 from alembic import op
 
+from retrieval_assets.lib.models import (
+    DEFAULT_FASTEMBED_MODEL,
+    DEFAULT_ST_MODEL,
+    fastembed_label,
+    sentence_transformers_label,
+)
 from retrieval_assets.lib.schema import (
     TITAN_MODEL_ID,
     configured_titan_dimensions,
@@ -21,8 +27,8 @@ branch_labels = None
 depends_on = None
 
 # The local columns' sizes are read from their models when the columns are created in LanceDB.
-FASTEMBED_MODEL = os.environ.get("FASTEMBED_MODEL", "BAAI/bge-small-en-v1.5 (local ONNX export)")
-ST_MODEL = os.environ.get("ST_MODEL", "sentence-transformers/all-MiniLM-L6-v2")
+FASTEMBED_MODEL = fastembed_label(os.environ.get("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL))
+ST_MODEL = sentence_transformers_label(os.environ.get("ST_MODEL", DEFAULT_ST_MODEL))
 
 
 def upgrade() -> None:

@@ -12,8 +12,9 @@ import os
 import dagster as dg
 
 from retrieval_assets.lib.chunking import DEFAULT_TIERS, ChunkerResource
+from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
-from retrieval_assets.lib.models import DEFAULT_ST_MODEL
+from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL, DEFAULT_ST_MODEL
 from retrieval_assets.lib.parsers import ConversationSourceResource, Limits
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import PostgresResource
@@ -37,6 +38,12 @@ defs = dg.Definitions(
             path=_env("CONVERSATIONS_SOURCE", str(SAMPLE_DATA_DIR)),
             default_user_id=_env("DEFAULT_USER_ID", "local-user"),
             max_message_chars=_env_int("MAX_MESSAGE_CHARS", Limits.max_message_chars),
+        ),
+        "fastembed": FastEmbedResource(
+            model=_env("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=DATA_DIR
+        ),
+        "sentence_transformer": SentenceTransformerResource(
+            model=_env("ST_MODEL", DEFAULT_ST_MODEL)
         ),
         "chunker": ChunkerResource(
             tokenizer_model=_env("ST_MODEL", DEFAULT_ST_MODEL),

