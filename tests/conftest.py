@@ -26,6 +26,8 @@ def db(pg_url: str) -> str:
     """The session database, emptied of data (the schema stays)."""
     with connect(pg_url, autocommit=True) as conn:
         conn.execute("TRUNCATE conversations, conversation_chunks CASCADE")
+        # each test gets a new LanceDB directory, so no LanceDB column is recorded yet
+        conn.execute("DELETE FROM embedding_schema_versions WHERE store = 'lancedb'")
     return pg_url
 
 
@@ -52,3 +54,80 @@ def make_resources(db: str, lance_uri: str, chunker_resource: ChunkerResource):
         }
 
     return build
+
+
+@pytest.fixture(scope="session")
+def fastembed(tmp_path_factory: pytest.TempPathFactory):
+    """The real FastEmbed model (the packaged MiniLM, exported to ONNX once per session)."""
+    from retrieval_assets.lib.embedders import FastEmbedResource
+
+    resource = FastEmbedResource(data_dir=str(tmp_path_factory.mktemp("models")))
+    resource.load()
+    return resource
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer():
+    from retrieval_assets.lib.embedders import SentenceTransformerResource
+
+    resource = SentenceTransformerResource()
+    resource.load()
+    return resource
+
+
+@pytest.fixture
+def make_graph_resources(make_resources, fastembed, sentence_transformer):
+    """make_resources plus the embedding models."""
+
+    def build(source, **source_options) -> dict:
+        return {
+            **make_resources(source, **source_options),
+            "fastembed": fastembed,
+            "sentence_transformer": sentence_transformer,
+        }
+
+    return build
+
+
+def real_sentences(limit: int) -> list[str]:
+    """Real English sentences: the docstrings of the standard library (no generated filler)."""
+    import importlib
+    import inspect
+    import re
+
+    modules = [
+        "argparse",
+        "json",
+        "collections",
+        "functools",
+        "itertools",
+        "pathlib",
+        "shutil",
+        "subprocess",
+        "threading",
+        "asyncio",
+        "email",
+        "http.client",
+        "logging",
+        "unittest",
+        "sqlite3",
+        "decimal",
+        "datetime",
+        "textwrap",
+        "typing",
+        "csv",
+        "zipfile",
+    ]
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for name in modules:
+        module = importlib.import_module(name)
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj) or ""
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 30 <= len(sentence) <= 300 and sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
+                    if len(sentences) >= limit:
+                        return sentences
+    return sentences

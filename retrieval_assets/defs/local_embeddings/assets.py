@@ -13,6 +13,7 @@ from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.vectors import (
     FASTEMBED_COLUMN,
     ST_COLUMN,
+    column_dims,
     ensure_vector_column,
     fill_nulls,
 )
@@ -31,11 +32,10 @@ def fill_column(
 ) -> dg.MaterializeResult:
     with postgres.get_connection() as conn, lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
-        action = ensure_vector_column(table, conn, column, embedder.label, embedder.dims)
+        action = ensure_vector_column(table, conn, column, embedder.label, lambda: embedder.dims)
         if action != "unchanged":
-            context.log.info(
-                f"{column}: column {action} for {embedder.label} ({embedder.dims} dims)"
-            )
+            context.log.info(f"{column}: column {action} for {embedder.label}")
+        dims = column_dims(table, column)
         result = fill_nulls(table, column, embedder.embed_documents, progress=context.log.info)
     context.log.info(
         f"{column}: embedded {result.embedded} rows in {result.seconds:.1f}s, "
@@ -44,7 +44,7 @@ def fill_column(
     return dg.MaterializeResult(
         metadata={
             "model": embedder.label,
-            "dims": embedder.dims,
+            "dims": dims,
             "column": column,
             "column_action": action,
             "rows_embedded": result.embedded,

@@ -1,0 +1,291 @@
+"""Local embeddings and the coarse index: real models, real LanceDB, real Postgres."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from retrieval_assets.defs.coarse_index.assets import coarse_index
+from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.defs.local_embeddings.assets import (
+    fastembed_vectors,
+    sentence_transformer_vectors,
+)
+from retrieval_assets.lib.embedders import SentenceTransformerResource
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, conform
+from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
+from retrieval_assets.lib.postgres import connect
+from retrieval_assets.lib.search import coarse_search, search
+from retrieval_assets.lib.vectors import (
+    FASTEMBED_COLUMN,
+    ST_COLUMN,
+    count_nulls,
+    ensure_coarse_index,
+    ensure_vector_column,
+    fill_nulls,
+)
+from tests.conftest import real_sentences
+
+GRAPH = [
+    conversations,
+    conversation_chunks,
+    fastembed_vectors,
+    sentence_transformer_vectors,
+    coarse_index,
+]
+
+
+def run(resources, raise_on_error=True):
+    return dg.materialize(GRAPH, resources=resources, raise_on_error=raise_on_error)
+
+
+def meta(result, key: str) -> dict:
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == key:
+            return {k: v.value for k, v in event.materialization.metadata.items()}
+    raise KeyError(key)
+
+
+def table(uri: str):
+    return lancedb.connect(uri).open_table(CHUNKS_TABLE)
+
+
+def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_uri):
+    result = run(make_graph_resources(SAMPLE_DATA_DIR))
+    rows = table(lance_uri).count_rows()
+    for key, column in (
+        ("lancedb/fastembed_vectors", FASTEMBED_COLUMN),
+        ("lancedb/sentence_transformer_vectors", ST_COLUMN),
+    ):
+        m = meta(result, key)
+        assert m["rows_embedded"] == rows and m["nulls_remaining"] == 0 and m["dims"] == 384
+        assert m["column_action"] == "created"
+        assert count_nulls(table(lance_uri), column) == 0
+    with connect(db) as conn:
+        recorded = dict(
+            conn.execute(
+                "SELECT column_name, model || ' ' || dims FROM embedding_schema_versions "
+                "WHERE store = 'lancedb' AND retired_at IS NULL"
+            ).fetchall()
+        )
+    assert recorded == {
+        "vector_fastembed": "fastembed:sentence-transformers/all-MiniLM-L6-v2 384",
+        "vector": "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2 384",
+    }
+    index = meta(result, "lancedb/coarse_index")
+    assert index["action"] == "none" and index["sampled_recall_at_10"] == 1.0
+
+
+def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lance_uri):
+    run(make_graph_resources(SAMPLE_DATA_DIR))
+    version = table(lance_uri).version
+    again = run(make_graph_resources(SAMPLE_DATA_DIR))
+    for key in ("lancedb/fastembed_vectors", "lancedb/sentence_transformer_vectors"):
+        assert meta(again, key)["rows_embedded"] == 0
+        assert meta(again, key)["column_action"] == "unchanged"
+    assert table(lance_uri).version == version
+
+    calls = []
+    result = fill_nulls(table(lance_uri), ST_COLUMN, lambda *a: calls.append(a))
+    assert calls == [] and result.embedded == 0
+
+
+def test_changed_text_re_embeds_only_its_chunks(make_graph_resources, lance_uri, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    records = [
+        {
+            "id": f"c{i}",
+            "conversations": [
+                {"from": "user", "value": f"question {i}"},
+                {"from": "gpt", "value": f"answer {i}"},
+            ],
+        }
+        for i in range(5)
+    ]
+    (source / "e.json").write_text(json.dumps(records))
+    run(make_graph_resources(source))
+    before = {
+        r["chunk_id"]: r[ST_COLUMN]
+        for r in table(lance_uri)
+        .search()
+        .select(["chunk_id", ST_COLUMN])
+        .limit(None)
+        .to_arrow()
+        .to_pylist()
+    }
+
+    records[2]["conversations"][1]["value"] = "a rewritten answer"
+    (source / "e.json").write_text(json.dumps(records))
+    result = run(make_graph_resources(source))
+    assert meta(result, "lancedb/fastembed_vectors")["rows_embedded"] == 1
+    assert meta(result, "lancedb/sentence_transformer_vectors")["rows_embedded"] == 1
+    after = {
+        r["chunk_id"]: r[ST_COLUMN]
+        for r in table(lance_uri)
+        .search()
+        .select(["chunk_id", ST_COLUMN])
+        .limit(None)
+        .to_arrow()
+        .to_pylist()
+    }
+    kept = before.keys() & after.keys()
+    assert len(kept) == 4 and all(before[k] == after[k] for k in kept)
+
+
+def test_a_failing_fine_model_leaves_its_column_null(make_graph_resources, lance_uri):
+    resources = make_graph_resources(SAMPLE_DATA_DIR)
+    resources["sentence_transformer"] = SentenceTransformerResource(model="/no/such/model")
+    result = run(resources, raise_on_error=False)
+    assert not result.success
+    failed = {e.step_key for e in result.all_events if e.is_step_failure}
+    assert failed == {"lancedb__sentence_transformer_vectors"}
+    chunks = table(lance_uri)
+    assert count_nulls(chunks, FASTEMBED_COLUMN) == 0
+    assert (
+        ST_COLUMN not in chunks.schema.names
+        or count_nulls(chunks, ST_COLUMN) == chunks.count_rows()
+    )
+
+
+def test_a_model_change_migrates_the_column_instead_of_mixing(make_graph_resources, db, lance_uri):
+    run(make_graph_resources(SAMPLE_DATA_DIR))
+    chunks = table(lance_uri)
+    rows = chunks.count_rows()
+    with connect(db) as conn:
+        assert (
+            ensure_vector_column(chunks, conn, ST_COLUMN, "sentence-transformers:other", 384)
+            == "migrated"
+        )
+        assert count_nulls(chunks, ST_COLUMN) == rows  # the old space is gone, not relabelled
+        assert (
+            ensure_vector_column(chunks, conn, ST_COLUMN, "sentence-transformers:other", 8)
+            == "migrated"
+        )
+        assert chunks.schema.field(ST_COLUMN).type.list_size == 8
+        history = conn.execute(
+            "SELECT model, dims, retired_at IS NOT NULL FROM embedding_schema_versions "
+            "WHERE column_name = 'vector' ORDER BY id"
+        ).fetchall()
+    assert [h[2] for h in history] == [True, True, False] and history[-1][:2] == (
+        "sentence-transformers:other",
+        8,
+    )
+    # the configured model is back: one more migration, then the asset refills every row
+    result = run(make_graph_resources(SAMPLE_DATA_DIR))
+    m = meta(result, "lancedb/sentence_transformer_vectors")
+    assert m["column_action"] == "migrated" and m["rows_embedded"] == rows
+
+
+def test_a_seeded_record_learns_its_dims_when_the_column_is_created(db, lance_uri):
+    chunks = lancedb.connect(lance_uri).create_table(CHUNKS_TABLE, schema=chunk_schema())
+    with connect(db) as conn:
+        conn.execute(
+            "INSERT INTO embedding_schema_versions (store, table_name, column_name, "
+            "model, dims) VALUES ('lancedb', %s, %s, 'fastembed:m', NULL)",
+            [CHUNKS_TABLE, FASTEMBED_COLUMN],
+        )
+        assert (
+            ensure_vector_column(chunks, conn, FASTEMBED_COLUMN, "fastembed:m", lambda: 16)
+            == "created"
+        )
+        assert (
+            ensure_vector_column(
+                chunks,
+                conn,
+                FASTEMBED_COLUMN,
+                "fastembed:m",
+                lambda: pytest.fail("the model must not load"),
+            )
+            == "unchanged"
+        )
+        rows = conn.execute(
+            "SELECT model, dims, retired_at FROM embedding_schema_versions WHERE store = 'lancedb'"
+        ).fetchall()
+    assert rows == [("fastembed:m", 16, None)]
+    assert chunks.schema.field(FASTEMBED_COLUMN).type.list_size == 16
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, fastembed, sentence_transformer):
+    """~1,700 real sentences with both vector columns, in a LanceDB table of the chunk schema."""
+    sentences = real_sentences(1_700)
+    n = len(sentences)
+    uri = str(tmp_path_factory.mktemp("corpus"))
+    base = pa.table(
+        {
+            "chunk_id": [f"{i:032x}" for i in range(n)],
+            "user_id": [f"user-{i % 10}" if i >= 3 else "rare-user" for i in range(n)],
+            "conversation_id": [f"c{i // 4}" for i in range(n)],
+            "tier": ["medium"] * n,
+            "chunk_index": [i % 4 for i in range(n)],
+            "turn_start": [0] * n,
+            "turn_end": [1] * n,
+            "roles": [["user"]] * n,
+            "content": sentences,
+            "content_hash": ["h"] * n,
+            "token_count": [len(s.split()) for s in sentences],
+            "created_at": [None] * n,
+        }
+    )
+    chunks = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=conform(base, chunk_schema()))
+    chunks.add_columns(pa.field(FASTEMBED_COLUMN, pa.list_(pa.float32(), 384)))
+    chunks.add_columns(pa.field(ST_COLUMN, pa.list_(pa.float32(), 384)))
+    fill_nulls(chunks, FASTEMBED_COLUMN, fastembed.embed_documents)
+    fill_nulls(chunks, ST_COLUMN, sentence_transformer.embed_documents)
+    return chunks, sentences
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_coarse_search_returns_exactly_min_k_rows(corpus, fastembed, indexed):
+    chunks, sentences = corpus
+    if indexed:
+        assert ensure_coarse_index(chunks, min_rows=500).action in ("built", "unchanged")
+        assert chunks.index_stats(f"{FASTEMBED_COLUMN}_idx").num_indexed_rows == len(sentences)
+    query = fastembed.embed_query("how do I parse command line arguments")
+    assert coarse_search(chunks, query, 100).num_rows == 100
+    assert coarse_search(chunks, query, 7).num_rows == 7
+    assert coarse_search(chunks, query, 100, user="rare-user").num_rows == 3
+    assert coarse_search(chunks, query, 100, user="user-4").num_rows == 100
+    assert coarse_search(chunks, query, 100, user="nobody' OR '1'='1").num_rows == 0
+    exact = set(coarse_search(chunks, query, 10, exact=True).column("chunk_id").to_pylist())
+    approx = set(coarse_search(chunks, query, 10).column("chunk_id").to_pylist())
+    assert len(exact & approx) >= 8
+
+
+def test_search_reranks_by_the_fine_vectors(corpus, fastembed, sentence_transformer):
+    chunks, _ = corpus
+    query = "read and write JSON documents"
+    hits = search(chunks, fastembed, sentence_transformer, query, k=10)
+    assert len(hits) == 10 and all(h.reranked for h in hits)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    q = sentence_transformer.embed_query(query)
+    fine = chunks.search().where(f"chunk_id = '{hits[0].chunk_id}'").select([ST_COLUMN]).to_arrow()
+    assert hits[0].score == pytest.approx(
+        float(np.dot(fine.column(ST_COLUMN)[0].as_py(), q)), abs=1e-5
+    )
+    assert "json" in hits[0].content.lower()
+
+
+def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
+    corpus, fastembed, sentence_transformer, tmp_path
+):
+    chunks, _ = corpus
+    copy = lancedb.connect(str(tmp_path)).create_table(
+        CHUNKS_TABLE,
+        data=chunks.search()
+        .limit(None)
+        .to_arrow()
+        .drop_columns([c for c in ("_distance",) if c in chunks.schema.names]),
+    )
+    best = search(copy, fastembed, sentence_transformer, "JSON documents", k=1)[0]
+    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={ST_COLUMN: None})
+    hits = search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
+    assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
+    assert all(h.reranked for h in hits[:-1])

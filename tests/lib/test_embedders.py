@@ -1,0 +1,83 @@
+"""The local models (real weights) and the query cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval_assets.lib.embedders import (
+    QueryCache,
+    SentenceTransformerResource,
+    length_sorted_batches,
+)
+from retrieval_assets.lib.models import ModelNotAvailable
+
+
+def test_dimensions_come_from_the_models(fastembed, sentence_transformer):
+    texts = ["a short one", "a much longer sentence about sourdough starters and acetone"]
+    for model in (fastembed, sentence_transformer):
+        vectors = model.embed_documents(texts)
+        assert vectors.shape == (2, model.dims) and model.dims == 384
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+
+
+def test_documents_keep_their_order_whatever_the_batching(fastembed):
+    texts = [f"sentence number {i} " * (i % 7 + 1) for i in range(50)]
+    together = fastembed.embed_documents(texts)
+    one_by_one = np.stack([fastembed.embed_documents([t])[0] for t in texts])
+    assert np.allclose(together, one_by_one, atol=1e-4)
+
+
+def test_similar_texts_are_closer_than_unrelated_ones(fastembed, sentence_transformer):
+    for model in (fastembed, sentence_transformer):
+        bread, starter, index = model.embed_documents(
+            [
+                "my sourdough starter smells of acetone",
+                "feeding a bread starter",
+                "a composite btree index in postgres",
+            ]
+        )
+        assert bread @ starter > bread @ index
+
+
+def test_length_sorted_batches_group_similar_lengths():
+    batches = length_sorted_batches([5, 100, 6, 99, 7, 98], batch_size=3)
+    assert [sorted(b.tolist()) for b in batches] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_query_cache_hits_misses_and_evicts_least_recent(fastembed):
+    calls: list[str] = []
+
+    def embed(text: str) -> np.ndarray:
+        calls.append(text)
+        return fastembed.embed_documents([text])[0]
+
+    cache = QueryCache(embed, maxsize=2)
+    first = cache.get("alpha")
+    assert np.array_equal(cache.get("alpha"), first)
+    cache.get("beta")
+    cache.get("alpha")  # alpha is now the most recent
+    cache.get("gamma")  # evicts beta
+    cache.get("alpha")
+    cache.get("beta")
+    assert calls == ["alpha", "beta", "gamma", "beta"]
+    assert cache.stats() == {
+        "query_cache_hits": 3,
+        "query_cache_misses": 4,
+        "query_cache_evictions": 2,
+        "query_cache_size": 2,
+    }
+    assert QueryCache.key("alpha") == QueryCache.key("alpha") and len(QueryCache.key("x")) == 16
+
+
+def test_resource_query_embeddings_go_through_the_cache(fastembed):
+    before = fastembed.query_cache.stats()
+    fastembed.embed_query("a query that is cached")
+    fastembed.embed_query("a query that is cached")
+    after = fastembed.query_cache.stats()
+    assert after["query_cache_hits"] - before["query_cache_hits"] >= 1
+
+
+def test_a_model_that_is_not_available_offline_says_what_is_missing():
+    with pytest.raises(ModelNotAvailable, match=r"not available offline.*Hugging Face cache"):
+        SentenceTransformerResource(model="intfloat/e5-large-v2").load()
