@@ -11,6 +11,7 @@ import os
 
 import dagster as dg
 
+from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.chunking import DEFAULT_TIERS, ChunkerResource
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
@@ -18,6 +19,7 @@ from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL, DEFAULT_ST_MODE
 from retrieval_assets.lib.parsers import ConversationSourceResource, Limits
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.schema import DEFAULT_TITAN_DIMENSIONS
 
 
 def _env(name: str, default: str) -> str:
@@ -26,6 +28,29 @@ def _env(name: str, default: str) -> str:
 
 def _env_int(name: str, default: int) -> int:
     return dg.EnvVar.int(name) if name in os.environ else default
+
+
+def _bedrock() -> BedrockResource:
+    """Amazon Bedrock when AWS credentials are configured, else the local endpoint."""
+    aws = any(
+        v in os.environ for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
+    )
+    common = {
+        "dimensions": _env_int("TITAN_DIMENSIONS", DEFAULT_TITAN_DIMENSIONS),
+        "max_concurrency": _env_int("BEDROCK_MAX_CONCURRENCY", 8),
+        "data_dir": DATA_DIR,
+    }
+    if not aws:
+        return BedrockResource(use_local_endpoint=True, **common)
+    return BedrockResource(
+        region_name=_env("AWS_REGION", "us-east-1"),
+        aws_access_key_id=_env("AWS_ACCESS_KEY_ID", None),
+        aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY", None),
+        aws_session_token=_env("AWS_SESSION_TOKEN", None),
+        profile_name=_env("AWS_PROFILE", None),
+        endpoint_url=_env("BEDROCK_ENDPOINT_URL", None),
+        **common,
+    )
 
 
 DATA_DIR = _env("RETRIEVAL_DATA_DIR", str(DEFAULT_DATA_DIR))
@@ -45,6 +70,7 @@ defs = dg.Definitions(
         "sentence_transformer": SentenceTransformerResource(
             model=_env("ST_MODEL", DEFAULT_ST_MODEL)
         ),
+        "bedrock": _bedrock(),
         "chunker": ChunkerResource(
             tokenizer_model=_env("ST_MODEL", DEFAULT_ST_MODEL),
             tiers=_env("CHUNK_TIERS", DEFAULT_TIERS),

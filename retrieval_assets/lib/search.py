@@ -46,6 +46,8 @@ def coarse_search(
     user: str | None = None,
     columns: list[str] | None = None,
     exact: bool = False,
+    nprobes: int | None = None,
+    ef: int | None = None,
 ):
     """The `top_k` nearest chunks by FastEmbed vector (cosine): min(top_k, matching rows) rows.
 
@@ -66,6 +68,10 @@ def coarse_search(
     )
     if exact:
         query = query.bypass_vector_index()
+    if nprobes is not None:
+        query = query.nprobes(nprobes)
+    if ef is not None:
+        query = query.ef(ef)
     return query.to_arrow()
 
 

@@ -1,0 +1,259 @@
+"""The Bedrock resource: Titan Text Embeddings v2 through the real boto3 `bedrock-runtime` client.
+
+One text per InvokeModel call (Titan's API), many calls at once (`max_concurrency` threads; the
+Dagster pool `bedrock` caps steps across runs). Throttling (429), timeouts (408 and client-side),
+model errors (424) and server errors (5xx) are retried with exponential backoff and jitter;
+client errors such as 400 are not. Inputs are kept within Titan's limits (50,000 characters,
+8,192 tokens) and every truncation is counted.
+
+Without AWS credentials (the embedded default) the resource starts the local Bedrock-compatible
+endpoint in-process and labels every vector as coming from it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import numpy as np
+from dagster_aws.utils import ResourceWithBoto3Configuration
+from pydantic import Field, PrivateAttr, field_validator
+
+from retrieval_assets.lib.bedrock_emulator import (
+    MAX_INPUT_CHARS,
+    MAX_INPUT_TOKENS,
+    Faults,
+    LocalBedrock,
+    TitanVectors,
+)
+from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+from retrieval_assets.lib.schema import (
+    DEFAULT_TITAN_DIMENSIONS,
+    TITAN_MODEL_ID,
+    validate_titan_dimensions,
+)
+
+RETRYABLE_STATUS = frozenset({408, 424, 429, 500, 502, 503, 504})
+LOCAL_LABEL_PREFIX = "local-bedrock-endpoint:"
+
+
+class BedrockError(RuntimeError):
+    def __init__(self, message: str, status: int | None, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One text's outcome: a vector, or the error that remained after retries."""
+
+    vector: np.ndarray | None
+    error: str | None
+    attempts: int
+    truncated: bool
+
+
+class BedrockResource(ResourceWithBoto3Configuration):
+    """Amazon Bedrock Titan Text Embeddings v2, or the local endpoint that stands in for it."""
+
+    model_id: str = Field(default=TITAN_MODEL_ID, description="Bedrock model id.")
+    dimensions: int = Field(
+        default=DEFAULT_TITAN_DIMENSIONS,
+        description="Output size: 256, 512 or 1024 (Titan v2 accepts nothing else). Must equal "
+        "the Postgres column (`retrieval-assets titan-dims N` migrates it).",
+    )
+    normalize: bool = Field(default=True, description="Ask Titan for unit-length vectors.")
+    max_concurrency: int = Field(default=8, description="InvokeModel calls in flight per step.")
+    max_attempts: int = Field(default=6, description="Attempts per text, the first included.")
+    connect_timeout: float = Field(default=5.0, description="Seconds to connect.")
+    read_timeout: float = Field(default=30.0, description="Seconds to wait for an answer.")
+    use_local_endpoint: bool = Field(
+        default=False,
+        description="Serve the Bedrock runtime API locally (no AWS account needed); vectors are "
+        "derived from local_model and labelled as such. The default when no AWS credentials "
+        "are configured.",
+    )
+    local_model: str = Field(
+        default=DEFAULT_FASTEMBED_MODEL, description="Model behind the local endpoint's vectors."
+    )
+    data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Model exports live here.")
+    local_latency_ms: float = Field(default=0.0, description="Local endpoint: added latency.")
+    local_throttle_rate: float = Field(default=0.0, description="Local endpoint: 429 rate.")
+    local_error_rate: float = Field(default=0.0, description="Local endpoint: 5xx rate.")
+    local_timeout_rate: float = Field(default=0.0, description="Local endpoint: timeout rate.")
+
+    _client: Any = PrivateAttr(default=None)
+    _endpoint: LocalBedrock | None = PrivateAttr(default=None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _titan_dimensions(cls, value: int) -> int:
+        return validate_titan_dimensions(value)
+
+    @property
+    def label(self) -> str:
+        """What produced the vectors: recorded per row and for the column; never mixed."""
+        if self.use_local_endpoint:
+            return f"{LOCAL_LABEL_PREFIX}{self.model_id} (from fastembed:{self.local_model})"
+        return self.model_id
+
+    @property
+    def is_local(self) -> bool:
+        return self.use_local_endpoint
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.client()  # start the local endpoint (if any) and build the client once
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._endpoint is not None:
+            self._endpoint.stop()
+            self._endpoint = None
+            self._client = None
+
+    @contextmanager
+    def get_client(self) -> Iterator[Any]:
+        yield self.client()
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        endpoint_url, credentials = (
+            self.endpoint_url,
+            {
+                "aws_access_key_id": self.aws_access_key_id,
+                "aws_secret_access_key": self.aws_secret_access_key,
+                "aws_session_token": self.aws_session_token,
+            },
+        )
+        if self.use_local_endpoint:
+            self._endpoint = self._start_local_endpoint()
+            endpoint_url = self._endpoint.url
+            credentials = {
+                "aws_access_key_id": "local",
+                "aws_secret_access_key": "local",
+                "aws_session_token": None,
+            }
+        session = boto3.session.Session(profile_name=self.profile_name, **credentials)
+        return session.client(
+            "bedrock-runtime",
+            region_name=self.region_name or "us-east-1",
+            endpoint_url=endpoint_url,
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            config=Config(
+                # One retry policy, ours (see _invoke): botocore's would retry under it too.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                max_pool_connections=self.max_concurrency,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+            ),
+        )
+
+    def _start_local_endpoint(self) -> LocalBedrock:
+        from retrieval_assets.lib.embedders import FastEmbedResource
+        from retrieval_assets.lib.models import load_tokenizer
+
+        model = FastEmbedResource(model=self.local_model, data_dir=self.data_dir)
+        tokenizer = load_tokenizer(self.local_model)
+        vectors = TitanVectors(
+            model.embed_documents,
+            lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids),
+        )
+        faults = Faults(
+            latency_ms=self.local_latency_ms,
+            throttle_rate=self.local_throttle_rate,
+            error_rate=self.local_error_rate,
+            timeout_rate=self.local_timeout_rate,
+            timeout_seconds=self.read_timeout + 1,
+        )
+        return LocalBedrock(vectors, faults).start()
+
+    # ------------------------------------------------------------------------------- embedding
+
+    def prepare(self, text: str, count_tokens=None) -> tuple[str, bool]:
+        """`text` within Titan's limits, and whether it had to be cut."""
+        truncated = False
+        if len(text) > MAX_INPUT_CHARS:
+            text, truncated = text[:MAX_INPUT_CHARS], True
+        if count_tokens is not None:
+            while count_tokens(text) > MAX_INPUT_TOKENS:  # cut proportionally until it fits
+                text, truncated = text[: int(len(text) * 0.9)], True
+        return text, truncated
+
+    def _invoke(self, text: str) -> np.ndarray:
+        from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+
+        body = json.dumps(
+            {"inputText": text, "dimensions": self.dimensions, "normalize": self.normalize}
+        )
+        try:
+            response = self.client().invoke_model(
+                modelId=self.model_id,
+                body=body,
+                contentType="application/json",
+                accept="application/json",
+            )
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise BedrockError(
+                f"{code} ({status}): {exc}", status, status in RETRYABLE_STATUS
+            ) from exc
+        except (ReadTimeoutError, ConnectionError) as exc:
+            raise BedrockError(f"{type(exc).__name__}: {exc}", None, True) from exc
+        vector = np.asarray(json.loads(response["body"].read())["embedding"], dtype=np.float32)
+        if vector.shape != (self.dimensions,):
+            raise BedrockError(
+                f"expected {self.dimensions} dimensions, got {vector.shape}", None, False
+            )
+        return vector
+
+    def embed(self, text: str, count_tokens=None) -> Embedding:
+        """One text, retried on throttling, timeouts and server errors; never raises."""
+        from tenacity import (
+            RetryError,
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_exponential_jitter,
+        )
+
+        prepared, truncated = self.prepare(text, count_tokens)
+        attempts = 0
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception(lambda e: isinstance(e, BedrockError) and e.retryable),
+                stop=stop_after_attempt(self.max_attempts),
+                wait=wait_exponential_jitter(initial=0.1, max=10.0),
+            ):
+                with attempt:
+                    attempts += 1
+                    vector = self._invoke(prepared)
+            return Embedding(vector, None, attempts, truncated)
+        except RetryError as exc:  # retryable, but out of attempts
+            return Embedding(None, str(exc.last_attempt.exception()), attempts, truncated)
+        except BedrockError as exc:  # not retryable (e.g. 400)
+            return Embedding(None, str(exc), attempts, truncated)
+
+    def embed_many(self, texts: Sequence[str], count_tokens=None) -> list[Embedding]:
+        """Embed `texts` with up to `max_concurrency` calls in flight; results in input order."""
+        if not texts:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(texts))) as pool:
+            return list(pool.map(lambda t: self.embed(t, count_tokens), texts))

@@ -1,0 +1,211 @@
+"""The Titan vector column in Postgres: who made it, what is missing, fast writes, failures.
+
+Writes go in batches: the batch's vectors are COPYed (binary) into a temporary staging table and
+applied with one UPDATE … FROM, in one transaction with the failure bookkeeping, so a batch is
+either fully recorded or not at all. Pending rows are read by keyset pagination on chunk_id
+(never OFFSET over a set that shrinks as it is filled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from retrieval_assets.lib.schema import embedding_dims
+
+
+class TitanSchemaMismatch(RuntimeError):
+    """The configured Titan size differs from the Postgres column's."""
+
+
+def check_dimensions(conn: psycopg.Connection, dims: int) -> None:
+    column = embedding_dims(conn)
+    if column != dims:
+        raise TitanSchemaMismatch(
+            f"conversation_chunks.embedding is vector({column}) but Titan is configured for "
+            f"{dims} dimensions (TITAN_DIMENSIONS). Migrate the column with "
+            f"`retrieval-assets titan-dims {dims}`, or set TITAN_DIMENSIONS={column}."
+        )
+
+
+def ensure_titan_model(conn: psycopg.Connection, label: str, dims: int) -> int:
+    """Record `label` as the column's producer; if another one made the stored vectors, clear
+    them (they belong to another vector space) and return how many were cleared."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT model FROM embedding_schema_versions WHERE store = 'postgres' AND "
+            "table_name = 'conversation_chunks' AND column_name = 'embedding' "
+            "AND retired_at IS NULL FOR UPDATE"
+        ).fetchone()
+        if row is not None and row[0] == label:
+            return 0
+        cleared = conn.execute(
+            "UPDATE conversation_chunks SET embedding = NULL, embedding_model = NULL, "
+            "embedded_at = NULL WHERE embedding IS NOT NULL"
+        ).rowcount
+        conn.execute("DELETE FROM embedding_failures")
+        conn.execute(
+            "UPDATE embedding_schema_versions SET retired_at = now() WHERE store = 'postgres' "
+            "AND table_name = 'conversation_chunks' AND column_name = 'embedding' "
+            "AND retired_at IS NULL"
+        )
+        conn.execute(
+            "INSERT INTO embedding_schema_versions (store, table_name, column_name, model, dims) "
+            "VALUES ('postgres', 'conversation_chunks', 'embedding', %s, %s)",
+            [label, dims],
+        )
+    return cleared
+
+
+_PENDING = (
+    "FROM conversation_chunks c WHERE c.embedding IS NULL AND NOT EXISTS "
+    "(SELECT 1 FROM embedding_failures f WHERE f.chunk_id = c.chunk_id "
+    "AND f.quarantined_at IS NOT NULL)"
+)
+
+
+def backlog(conn: psycopg.Connection) -> int:
+    """Rows still waiting for a Titan vector (quarantined rows excluded)."""
+    return conn.execute(f"SELECT count(*) {_PENDING}").fetchone()[0]
+
+
+def quarantined(conn: psycopg.Connection) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM embedding_failures WHERE quarantined_at IS NOT NULL"
+    ).fetchone()[0]
+
+
+def pending_after(
+    conn: psycopg.Connection, after: str, limit: int, skip: Sequence[str] = ()
+) -> list[tuple[str, str]]:
+    """The next `limit` (chunk_id, content) without a vector, by chunk_id after `after`."""
+    return conn.execute(
+        f"SELECT c.chunk_id, c.content {_PENDING} AND c.chunk_id > %s "
+        "AND c.chunk_id <> ALL(%s) ORDER BY c.chunk_id LIMIT %s",
+        [after, list(skip), limit],
+    ).fetchall()
+
+
+def write_vectors(
+    conn: psycopg.Connection, rows: Sequence[tuple[str, np.ndarray]], label: str
+) -> int:
+    """Set `embedding` for `rows` (COPY into staging, one UPDATE); returns rows updated.
+
+    Rows deleted meanwhile are simply not updated. Run inside the caller's transaction.
+    """
+    if not rows:
+        return 0
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS staging_vectors (chunk_id text, embedding vector) "
+        "ON COMMIT DELETE ROWS"
+    )
+    with conn.cursor().copy(
+        "COPY staging_vectors (chunk_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+    ) as copy:
+        copy.set_types(["text", "vector"])
+        for chunk_id, vector in rows:
+            copy.write_row((chunk_id, vector))
+    updated = conn.execute(
+        "UPDATE conversation_chunks c SET embedding = s.embedding, embedding_model = %s, "
+        "embedded_at = now() FROM staging_vectors s WHERE c.chunk_id = s.chunk_id",
+        [label],
+    ).rowcount
+    conn.execute(
+        "DELETE FROM embedding_failures f USING staging_vectors s WHERE f.chunk_id = s.chunk_id"
+    )
+    return updated
+
+
+def record_failures(
+    conn: psycopg.Connection, failures: Sequence[tuple[str, str]], quarantine_after: int
+) -> int:
+    """Count one more failed run for each (chunk_id, error); returns rows newly quarantined."""
+    newly = 0
+    for chunk_id, error in failures:
+        row = conn.execute(
+            "INSERT INTO embedding_failures AS f (chunk_id, attempts, last_error) "
+            "SELECT %s, 1, %s WHERE EXISTS (SELECT 1 FROM conversation_chunks WHERE chunk_id = %s) "
+            "ON CONFLICT (chunk_id) DO UPDATE SET attempts = f.attempts + 1, "
+            "last_error = EXCLUDED.last_error, last_failed_at = now() "
+            "RETURNING attempts, quarantined_at",
+            [chunk_id, error[:2000], chunk_id],
+        ).fetchone()
+        if row is not None and row[0] >= quarantine_after and row[1] is None:
+            conn.execute(
+                "UPDATE embedding_failures SET quarantined_at = now() WHERE chunk_id = %s",
+                [chunk_id],
+            )
+            newly += 1
+    return newly
+
+
+def replay_quarantine(conn: psycopg.Connection) -> int:
+    """Release every quarantined row: the next run tries it again from zero attempts."""
+    return conn.execute("DELETE FROM embedding_failures WHERE quarantined_at IS NOT NULL").rowcount
+
+
+@dataclass
+class TitanRunStats:
+    embedded: int = 0
+    failed: int = 0
+    newly_quarantined: int = 0
+    truncated: int = 0
+    attempts: int = 0
+    batches: int = 0
+
+
+def embed_pending(
+    conn: psycopg.Connection,
+    bedrock,
+    *,
+    batch_size: int = 256,
+    quarantine_after: int = 3,
+    count_tokens=None,
+    progress=print,
+    max_rows: int | None = None,
+) -> TitanRunStats:
+    """Embed every row still NULL (quarantined excepted), one committed batch at a time.
+
+    Pages by chunk_id; when a pass reaches the end it starts over, so rows inserted behind the
+    cursor while it ran are picked up too. A row that fails is tried once per run: it stays NULL,
+    its failure is counted, and after `quarantine_after` failed runs it is quarantined.
+    """
+    stats = TitanRunStats()
+    failed_this_run: list[str] = []
+    while max_rows is None or stats.embedded < max_rows:
+        after, progressed = "", False
+        while batch := pending_after(conn, after, batch_size, failed_this_run):
+            after = batch[-1][0]
+            results = bedrock.embed_many([content for _, content in batch], count_tokens)
+            done = [
+                (cid, r.vector)
+                for (cid, _), r in zip(batch, results, strict=True)
+                if r.vector is not None
+            ]
+            failures = [
+                (cid, r.error or "unknown error")
+                for (cid, _), r in zip(batch, results, strict=True)
+                if r.vector is None
+            ]
+            with conn.transaction():
+                written = write_vectors(conn, done, bedrock.label)
+                stats.newly_quarantined += record_failures(conn, failures, quarantine_after)
+            failed_this_run.extend(cid for cid, _ in failures)
+            stats.embedded += written
+            stats.failed += len(failures)
+            stats.truncated += sum(r.truncated for r in results)
+            stats.attempts += sum(r.attempts for r in results)
+            stats.batches += 1
+            progressed = progressed or bool(done)
+            progress(
+                f"titan batch {stats.batches}: {written} embedded, {len(failures)} failed "
+                f"(run total {stats.embedded} embedded, {stats.failed} failed)"
+            )
+            if max_rows is not None and stats.embedded >= max_rows:
+                break
+        if not progressed:
+            break
+    return stats
