@@ -1,8 +1,11 @@
-"""Command line: run the whole graph, show the stores' state, change the Titan dimensions.
+"""Command line for retrieval_assets.
 
-retrieval-assets run                 materialize every asset (embedded default unless configured)
-retrieval-assets status              counts per store and the NULL backlog
-retrieval-assets titan-dims 512      write (and on the embedded default, apply) the migration
+retrieval-assets run                        materialize every asset (embedded default unless set)
+retrieval-assets status                     counts per store and the NULL backlog
+retrieval-assets search "text"              coarse top-100 (FastEmbed), reranked (ST), in LanceDB
+retrieval-assets search --store postgres "text"   the Titan vectors through the match RPC
+retrieval-assets replay-quarantine          retry chunks quarantined after Titan failures
+retrieval-assets titan-dims 512             write (embedded default: apply) the migration
 """
 
 from __future__ import annotations
@@ -94,32 +97,53 @@ def cmd_status(_: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from retrieval_assets.lib.search import search
+    from retrieval_assets.lib.search import postgres_search, search
 
     resources = _resources()
-    lancedb = resources["lancedb"]
-    with lancedb.get_connection() as db:
-        hits = search(
-            lancedb.chunks_table(db),
-            resources["fastembed"],
-            resources["sentence_transformer"],
-            args.query,
-            k=args.k,
-            user=args.user,
-        )
-    if not hits:
+    if args.store == "postgres":
+        bedrock = resources["bedrock"]
+        try:
+            with resources["postgres"].get_connection() as conn:
+                hits = postgres_search(
+                    conn, bedrock.embed_query(args.query), k=args.k, user=args.user, tier=args.tier
+                )
+        finally:
+            bedrock.teardown_after_execution(None)
+        lines = [(h.score, f"titan: {h.embedding_model}", h) for h in hits]
+    else:
+        lancedb = resources["lancedb"]
+        with lancedb.get_connection() as db:
+            hits = search(
+                lancedb.chunks_table(db),
+                resources["fastembed"],
+                resources["sentence_transformer"],
+                args.query,
+                k=args.k,
+                user=args.user,
+            )
+        lines = [
+            (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)
+            for h in hits
+        ]
+    if not lines:
         print("no results (has the graph been materialized?)")
         return 1
-    for rank, hit in enumerate(hits, 1):
-        how = "rerank" if hit.reranked else "coarse"
-        speaker = "/".join(hit.roles)
+    for rank, (score, how, hit) in enumerate(lines, 1):
         print(
-            f"{rank:>2}. {hit.score:.3f} ({how}; coarse {hit.coarse_score:.3f})  "
-            f"{speaker}  conversation {hit.conversation_id} turns {hit.turn_start}-"
-            f"{hit.turn_end}  user {hit.user_id}"
+            f"{rank:>2}. {score:.3f} ({how})  {'/'.join(hit.roles)}  conversation "
+            f"{hit.conversation_id} turns {hit.turn_start}-{hit.turn_end}  user {hit.user_id}"
         )
         text = " ".join(hit.content.split())
         print(f"    {text[:160]}{'…' if len(text) > 160 else ''}")
+    return 0
+
+
+def cmd_replay_quarantine(_: argparse.Namespace) -> int:
+    from retrieval_assets.lib.titan import replay_quarantine
+
+    with _resources()["postgres"].get_connection() as conn:
+        released = replay_quarantine(conn)
+    print(f"released {released} quarantined chunks; the next titan_embeddings run retries them")
     return 0
 
 
@@ -164,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     find.add_argument("query")
     find.add_argument("-k", type=int, default=5, help="results to show (default 5)")
     find.add_argument("--user", help="only this user's chunks")
+    find.add_argument(
+        "--store",
+        choices=["lancedb", "postgres"],
+        default="lancedb",
+        help="lancedb: FastEmbed top-100 reranked by sentence-transformers; "
+        "postgres: Titan vectors through match_conversation_chunks_by_tier",
+    )
+    find.add_argument("--tier", help="postgres only: one chunk tier")
     find.set_defaults(fn=cmd_search)
+    sub.add_parser("replay-quarantine", help="retry the chunks Titan kept failing on").set_defaults(
+        fn=cmd_replay_quarantine
+    )
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")
     dims.set_defaults(fn=cmd_titan_dims)

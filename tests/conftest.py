@@ -131,3 +131,25 @@ def real_sentences(limit: int) -> list[str]:
                     if len(sentences) >= limit:
                         return sentences
     return sentences
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("bedrock-models"))
+
+
+@pytest.fixture
+def make_bedrock(model_dir):
+    """A BedrockResource on the local endpoint (real boto3 client, real HTTP), stopped after."""
+    from retrieval_assets.lib.bedrock import BedrockResource
+
+    made = []
+
+    def build(**options):
+        resource = BedrockResource(use_local_endpoint=True, data_dir=model_dir, **options)
+        made.append(resource)
+        return resource
+
+    yield build
+    for resource in made:
+        resource.teardown_after_execution(None)

@@ -14,6 +14,7 @@ EXPECTED_ASSETS = {
     "lancedb/fastembed_vectors",
     "lancedb/sentence_transformer_vectors",
     "lancedb/coarse_index",
+    "postgres/titan_embeddings",
 }
 EXPECTED_RESOURCES = {
     "postgres",
@@ -22,6 +23,7 @@ EXPECTED_RESOURCES = {
     "chunker",
     "fastembed",
     "sentence_transformer",
+    "bedrock",
 }
 
 

@@ -93,10 +93,12 @@ class BedrockResource(ResourceWithBoto3Configuration):
     _client: Any = PrivateAttr(default=None)
     _endpoint: LocalBedrock | None = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
+    _query_cache: Any = PrivateAttr(default=None)
+    _tokenizer: Any = PrivateAttr(default=None)
 
-    @field_validator("dimensions")
+    @field_validator("dimensions", mode="before")
     @classmethod
-    def _titan_dimensions(cls, value: int) -> int:
+    def _titan_dimensions(cls, value: object) -> int:
         return validate_titan_dimensions(value)
 
     @property
@@ -109,6 +111,10 @@ class BedrockResource(ResourceWithBoto3Configuration):
     @property
     def is_local(self) -> bool:
         return self.use_local_endpoint
+
+    def endpoint_counts(self) -> dict[str, int]:
+        """What the local endpoint answered (requests, ok, throttled, errors, timeouts)."""
+        return dict(self._endpoint.counts) if self._endpoint is not None else {}
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.client()  # start the local endpoint (if any) and build the client once
@@ -187,17 +193,31 @@ class BedrockResource(ResourceWithBoto3Configuration):
     # ------------------------------------------------------------------------------- embedding
 
     def prepare(self, text: str, count_tokens=None) -> tuple[str, bool]:
-        """`text` within Titan's limits, and whether it had to be cut."""
+        """`text` within Titan's limits, and whether it had to be cut.
+
+        Tokens are counted with `count_tokens` (default: the packaged WordPiece tokenizer);
+        Titan's own tokenizer differs, so texts are kept 10% under its 8,192-token limit.
+        """
         truncated = False
         if len(text) > MAX_INPUT_CHARS:
             text, truncated = text[:MAX_INPUT_CHARS], True
-        if count_tokens is not None:
-            while count_tokens(text) > MAX_INPUT_TOKENS:  # cut proportionally until it fits
-                text, truncated = text[: int(len(text) * 0.9)], True
+        count = count_tokens or self._default_token_count
+        budget = int(MAX_INPUT_TOKENS * 0.9)
+        if len(text) > budget:  # short texts cannot exceed the budget: skip counting
+            while (tokens := count(text)) > budget:
+                text, truncated = text[: int(len(text) * budget / tokens * 0.98)], True
         return text, truncated
 
+    def _default_token_count(self, text: str) -> int:
+        from retrieval_assets.lib.models import load_tokenizer
+
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.local_model)
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
     def _invoke(self, text: str) -> np.ndarray:
-        from botocore.exceptions import ClientError, ConnectionError, ReadTimeoutError
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
         body = json.dumps(
             {"inputText": text, "dimensions": self.dimensions, "normalize": self.normalize}
@@ -215,7 +235,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
             raise BedrockError(
                 f"{code} ({status}): {exc}", status, status in RETRYABLE_STATUS
             ) from exc
-        except (ReadTimeoutError, ConnectionError) as exc:
+        except (HTTPClientError, ConnectionError) as exc:  # timeouts, resets, refused
             raise BedrockError(f"{type(exc).__name__}: {exc}", None, True) from exc
         vector = np.asarray(json.loads(response["body"].read())["embedding"], dtype=np.float32)
         if vector.shape != (self.dimensions,):
@@ -250,6 +270,23 @@ class BedrockResource(ResourceWithBoto3Configuration):
             return Embedding(None, str(exc.last_attempt.exception()), attempts, truncated)
         except BedrockError as exc:  # not retryable (e.g. 400)
             return Embedding(None, str(exc), attempts, truncated)
+        except Exception as exc:  # anything else is this row's failure, not the batch's
+            return Embedding(None, f"{type(exc).__name__}: {exc}", attempts, truncated)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """A query's vector, through an LRU cache; raises if Titan cannot embed it."""
+        from retrieval_assets.lib.embedders import QueryCache
+
+        with self._lock:
+            if self._query_cache is None:
+                self._query_cache = QueryCache(self._query_vector)
+        return self._query_cache.get(text)
+
+    def _query_vector(self, text: str) -> np.ndarray:
+        result = self.embed(text)
+        if result.vector is None:
+            raise BedrockError(f"could not embed the query: {result.error}", None, False)
+        return result.vector
 
     def embed_many(self, texts: Sequence[str], count_tokens=None) -> list[Embedding]:
         """Embed `texts` with up to `max_concurrency` calls in flight; results in input order."""

@@ -264,7 +264,13 @@ class LocalBedrock:
                         f"Max input tokens: {MAX_INPUT_TOKENS}, request input "
                         f"token count: {tokens}",
                     )
-                vector = endpoint.vectors.vector(text, dims, normalize).tolist()
+                try:
+                    vector = endpoint.vectors.vector(text, dims, normalize).tolist()
+                except Exception as exc:  # the model failed: answer like Bedrock, not hang up
+                    endpoint._count("errors")
+                    return self._send(
+                        500, {"message": f"model error: {exc}"}, "InternalServerException"
+                    )
                 endpoint._count("ok")
                 self._send(
                     200,

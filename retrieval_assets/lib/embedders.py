@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -100,6 +101,7 @@ class _Embedder(dg.ConfigurableResource):
     batch_size: int = Field(default=32, description="Texts per model call.")
 
     _query_cache: QueryCache | None = PrivateAttr(default=None)
+    _load_lock: Any = PrivateAttr(default_factory=threading.RLock)  # load() may re-enter via dims
 
     @property
     def label(self) -> str:
@@ -155,11 +157,13 @@ class FastEmbedResource(_Embedder):
     _dims: int | None = PrivateAttr(default=None)
 
     def load(self) -> None:
-        if self._model is not None:
-            return
-        started = time.monotonic()
-        self._model = _load_fastembed(self.model, Path(self.data_dir), self.threads)
-        self._dims = len(next(iter(self._model.embed(["dimension probe"]))))
+        with self._load_lock:  # concurrent first use (e.g. the local Bedrock endpoint) loads once
+            if self._model is not None:
+                return
+            started = time.monotonic()
+            model = _load_fastembed(self.model, Path(self.data_dir), self.threads)
+            self._dims = len(next(iter(model.embed(["dimension probe"]))))
+            self._model = model
         _log.info(
             "loaded %s (%d dims) in %.1fs", self.label, self._dims, time.monotonic() - started
         )
@@ -192,6 +196,10 @@ class SentenceTransformerResource(_Embedder):
     _model: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
+        with self._load_lock:
+            self._load()
+
+    def _load(self) -> None:
         if self._model is not None:
             return
         from sentence_transformers import SentenceTransformer

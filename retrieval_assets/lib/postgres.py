@@ -33,7 +33,16 @@ def embedded_url(data_dir: str | Path) -> str:
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:
-    return psycopg.connect(url, prepare_threshold=None, **kwargs)
+    """A connection without server-side prepared statements, with pgvector's types registered
+    once the extension exists (before the first migration it does not)."""
+    from pgvector.psycopg import register_vector
+
+    conn = psycopg.connect(url, prepare_threshold=None, **kwargs)
+    try:
+        register_vector(conn)
+    except psycopg.ProgrammingError:  # no vector type yet
+        conn.rollback()
+    return conn
 
 
 class PostgresResource(dg.ConfigurableResource):
@@ -78,8 +87,5 @@ class PostgresResource(dg.ConfigurableResource):
     @contextmanager
     def get_connection(self) -> Iterator[psycopg.Connection]:
         """A connection in a transaction: committed on success, rolled back on error."""
-        from pgvector.psycopg import register_vector
-
         with connect(self.url) as conn:
-            register_vector(conn)
             yield conn

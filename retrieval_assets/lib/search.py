@@ -1,5 +1,5 @@
-"""Two-stage search over the LanceDB chunks: coarse ANN over FastEmbed vectors, then a rerank of
-those candidates by sentence-transformers vectors."""
+"""Search: two-stage over LanceDB (coarse ANN over FastEmbed vectors, then a rerank by
+sentence-transformers vectors), or the Titan vectors in Postgres through the match RPCs."""
 
 from __future__ import annotations
 
@@ -118,3 +118,40 @@ def search(
     ]
     hits.sort(key=lambda h: (not h.reranked, -h.score))
     return hits[:k]
+
+
+@dataclass(frozen=True)
+class PostgresHit:
+    chunk_id: str
+    conversation_id: str
+    user_id: str
+    tier: str
+    roles: tuple[str, ...]
+    turn_start: int
+    turn_end: int
+    content: str
+    embedding_model: str
+    score: float
+
+
+def postgres_search(
+    conn: Any,
+    query_vector: np.ndarray,
+    k: int = 10,
+    user: str | None = None,
+    tier: str | None = None,
+    threshold: float = -1.0,
+) -> list[PostgresHit]:
+    """`match_conversation_chunks_by_tier` over the Titan vectors (HNSW): the `k` nearest chunks
+    with cosine similarity >= `threshold` (default -1: no threshold), optionally one user's and
+    one tier's. Exactly `k` rows come back whenever `k` rows qualify."""
+    rows = conn.execute(
+        "SELECT chunk_id, conversation_id, user_id, tier, roles, turn_start, turn_end, content, "
+        "embedding_model, similarity FROM match_conversation_chunks_by_tier("
+        "%s::vector, %s, %s, %s, %s)",
+        [np.asarray(query_vector, dtype=np.float32), tier, threshold, k, user],
+    ).fetchall()
+    return [
+        PostgresHit(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8], float(r[9]))
+        for r in rows
+    ]

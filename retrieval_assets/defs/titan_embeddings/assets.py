@@ -87,6 +87,7 @@ def titan_embeddings(
             "cleared_other_model": cleared,
             "rows_per_second": round(stats.embedded / seconds, 1) if seconds else 0.0,
             "nulls_remaining": remaining,
+            **{f"local_endpoint_{k}": v for k, v in bedrock.endpoint_counts().items()},
         },
         check_results=[
             dg.AssetCheckResult(
