@@ -1,7 +1,8 @@
 -- Nearest chunks to a query embedding by cosine similarity, optionally for one user and tier.
 --
 -- An HNSW scan yields at most hnsw.ef_search rows, and the user/tier/threshold filters discard
--- some of them; so ef_search is raised to at least match_count and pgvector 0.8's iterative scan
+-- some of them; so ef_search is raised to at least match_count (and a floor that sets recall:
+-- {ef_search_floor}, filled in by the migration that installs this file) and pgvector 0.8's iterative scan
 -- keeps walking the graph until match_count rows qualify. relaxed_order returns rows slightly out
 -- of order, hence the final ORDER BY. SECURITY INVOKER: row-level security of the caller applies.
 CREATE OR REPLACE FUNCTION match_conversation_chunks_by_tier(
@@ -28,7 +29,7 @@ LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$
 #variable_conflict use_column
 BEGIN
-    PERFORM set_config('hnsw.ef_search', greatest(match_count, 40)::text, true);
+    PERFORM set_config('hnsw.ef_search', greatest(match_count, {ef_search_floor})::text, true);
     PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
     RETURN QUERY
     WITH nearest AS MATERIALIZED (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -102,36 +103,29 @@ def test_production_database_behind_head_is_a_clear_error(fresh_url):
     assert current_revision(fresh_url) == head_revision()
 
 
-def test_offline_sql_renders_a_pasteable_script():
-    out = subprocess.run(
+def offline_sql(**env: str) -> subprocess.CompletedProcess:
+    """`alembic upgrade head --sql`, as a Supabase user would run it."""
+    return subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
         capture_output=True,
         text=True,
-        check=True,
+        env={**os.environ, **env},
     )
-    sql = out.stdout
+
+
+def test_offline_sql_renders_a_pasteable_script():
+    sql = offline_sql().stdout
     assert "CREATE TABLE conversation_chunks" in sql
     assert "embedding        vector(1024)" in sql
     assert "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)" in sql
     assert "CREATE OR REPLACE FUNCTION match_conversation_chunks_by_tier" in sql
+    assert "CREATE TABLE embedding_failures" in sql
     assert sql.rstrip().endswith("COMMIT;")
 
 
 def test_titan_dimensions_come_from_the_environment_and_768_is_refused():
-    env_sql = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**__import__("os").environ, "TITAN_DIMENSIONS": "512"},
-    ).stdout
-    assert "vector(512)" in env_sql
-    bad = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "TITAN_DIMENSIONS": "768"},
-    )
+    assert "vector(512)" in offline_sql(TITAN_DIMENSIONS="512").stdout
+    bad = offline_sql(TITAN_DIMENSIONS="768")
     assert bad.returncode != 0
     assert "must be one of 256, 512, 1024; got '768'" in bad.stderr
 

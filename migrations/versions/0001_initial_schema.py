@@ -116,7 +116,7 @@ def upgrade() -> None:
             ('lancedb', 'conversation_chunks', 'vector', '{ST_MODEL}', NULL)
         """
     )
-    op.execute(read_sql("match_conversation_chunks.sql"))
+    op.execute(read_sql("match_conversation_chunks.sql").replace("{ef_search_floor}", "40"))
 
 
 def downgrade() -> None:

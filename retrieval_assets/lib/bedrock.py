@@ -89,6 +89,9 @@ class BedrockResource(ResourceWithBoto3Configuration):
     local_throttle_rate: float = Field(default=0.0, description="Local endpoint: 429 rate.")
     local_error_rate: float = Field(default=0.0, description="Local endpoint: 5xx rate.")
     local_timeout_rate: float = Field(default=0.0, description="Local endpoint: timeout rate.")
+    local_fault_seed: int | None = Field(
+        default=None, description="Local endpoint: seed of the fault draws (reproducible runs)."
+    )
 
     _client: Any = PrivateAttr(default=None)
     _endpoint: LocalBedrock | None = PrivateAttr(default=None)
@@ -187,6 +190,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
             error_rate=self.local_error_rate,
             timeout_rate=self.local_timeout_rate,
             timeout_seconds=self.read_timeout + 1,
+            seed=self.local_fault_seed,
         )
         return LocalBedrock(vectors, faults).start()
 

@@ -158,6 +158,9 @@ class LocalBedrock:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body leave in two writes; with Nagle's algorithm the body waits for
+            # the client's delayed ACK (~40 ms a call).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args) -> None:  # quiet: the client logs what matters
                 return
@@ -284,3 +287,40 @@ class LocalBedrock:
                 return None
 
         return Handler
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the endpoint in its own process: `python -m retrieval_assets.lib.bedrock_emulator`."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="Local Bedrock runtime endpoint (Titan v2)")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--throttle-rate", type=float, default=0.0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--hash-vectors",
+        action="store_true",
+        help="deterministic vectors without a model (throughput tests only)",
+    )
+    args = parser.parse_args(argv)
+    embed = None
+    if not args.hash_vectors:
+        from retrieval_assets.lib.embedders import FastEmbedResource
+
+        embed = FastEmbedResource().embed_documents
+    endpoint = LocalBedrock(
+        TitanVectors(embed),
+        Faults(
+            latency_ms=args.latency_ms, throttle_rate=args.throttle_rate, error_rate=args.error_rate
+        ),
+        port=args.port,
+    ).start()
+    print(f"local Bedrock endpoint on {endpoint.url}", flush=True)  # noqa: T201
+    signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    endpoint.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -180,6 +180,8 @@ def fill_nulls(
 
 INDEX_MIN_ROWS = 10_000  # below this an exact scan is fast enough and needs no upkeep
 REBUILD_UNINDEXED_FRACTION = 0.2
+USER_INDEX = "user_id_idx"
+VECTORS_PER_PARTITION = 1_000_000
 
 
 @dataclass
@@ -200,14 +202,15 @@ def ensure_coarse_index(
     """Keep the ANN index over `column` in step with the table.
 
     Policy: below `min_rows` vectors, no index (searches scan exactly). Otherwise build an
-    IVF_HNSW_SQ index (cosine) when there is none or its dimensions no longer match; rebuild it
-    when more than 20% of the vectors arrived after it was trained (its partitions no longer
-    describe the data); else fold new rows into it with `optimize()`. Rows not yet indexed are
+    IVF_HNSW_SQ index (cosine, one partition per million vectors) when there is none or its
+    dimensions no longer match; rebuild it when more than 20% of the vectors arrived after it was
+    trained (its partitions no longer describe the data); else fold new rows into it with
+    `optimize()`. Rows not yet indexed are
     still searched (by a flat scan of the unindexed part), so results stay complete.
     """
     from datetime import timedelta
 
-    from lancedb.index import IvfHnswSq
+    from lancedb.index import BTree, IvfHnswSq
 
     started = time.monotonic()
     vectors = table.count_rows(f"{column} IS NOT NULL")
@@ -223,7 +226,9 @@ def ensure_coarse_index(
         or stats.num_unindexed_rows > REBUILD_UNINDEXED_FRACTION * max(stats.num_indexed_rows, 1)
     )
     if stats is None or stale:
-        partitions = max(1, int(np.sqrt(vectors) / 4))
+        # One IVF partition per million vectors: a single HNSW graph answered top-100 over 250,000
+        # rows in 6 ms at recall 0.99, where ~125 partitions probed 40 at a time took 21 ms.
+        partitions = max(1, round(vectors / VECTORS_PER_PARTITION))
         table.create_index(
             column,
             config=IvfHnswSq(distance_type="cosine", num_partitions=partitions),
@@ -237,6 +242,9 @@ def ensure_coarse_index(
         action = "refreshed"
     else:
         action = "unchanged"
+    if USER_INDEX not in {i.name for i in table.list_indices()}:
+        # Per-user searches prefilter on user_id; a B-tree finds a user's rows without a scan.
+        table.create_index("user_id", config=BTree(), name=USER_INDEX)
     stats = table.index_stats(name)
     return IndexResult(
         action, stats.num_indexed_rows, stats.num_unindexed_rows, time.monotonic() - started

@@ -55,6 +55,11 @@ def table(uri: str):
     return lancedb.connect(uri).open_table(CHUNKS_TABLE)
 
 
+def vectors_by_id(uri: str, column: str) -> dict[str, list[float] | None]:
+    rows = table(uri).search().select(["chunk_id", column]).limit(None).to_arrow().to_pylist()
+    return {r["chunk_id"]: r[column] for r in rows}
+
+
 def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_uri):
     result = run(make_graph_resources(SAMPLE_DATA_DIR))
     rows = table(lance_uri).count_rows()
@@ -110,30 +115,14 @@ def test_changed_text_re_embeds_only_its_chunks(make_graph_resources, lance_uri,
     ]
     (source / "e.json").write_text(json.dumps(records))
     run(make_graph_resources(source))
-    before = {
-        r["chunk_id"]: r[ST_COLUMN]
-        for r in table(lance_uri)
-        .search()
-        .select(["chunk_id", ST_COLUMN])
-        .limit(None)
-        .to_arrow()
-        .to_pylist()
-    }
+    before = vectors_by_id(lance_uri, ST_COLUMN)
 
     records[2]["conversations"][1]["value"] = "a rewritten answer"
     (source / "e.json").write_text(json.dumps(records))
     result = run(make_graph_resources(source))
     assert meta(result, "lancedb/fastembed_vectors")["rows_embedded"] == 1
     assert meta(result, "lancedb/sentence_transformer_vectors")["rows_embedded"] == 1
-    after = {
-        r["chunk_id"]: r[ST_COLUMN]
-        for r in table(lance_uri)
-        .search()
-        .select(["chunk_id", ST_COLUMN])
-        .limit(None)
-        .to_arrow()
-        .to_pylist()
-    }
+    after = vectors_by_id(lance_uri, ST_COLUMN)
     kept = before.keys() & after.keys()
     assert len(kept) == 4 and all(before[k] == after[k] for k in kept)
 
@@ -289,3 +278,18 @@ def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
     hits = search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
     assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
     assert all(h.reranked for h in hits[:-1])
+
+
+def test_a_large_filtered_set_goes_through_the_index_and_still_returns_k(
+    corpus, fastembed, monkeypatch
+):
+    import retrieval_assets.lib.search as search_module
+
+    chunks, _ = corpus
+    ensure_coarse_index(chunks, min_rows=500)
+    monkeypatch.setattr(search_module, "EXACT_FILTER_ROWS", 10)  # user-4's 170 rows take the ANN
+    query = fastembed.embed_query("how do I parse command line arguments")
+    for k in (5, 100, 170, 500):
+        hits = coarse_search(chunks, query, k, user="user-4")
+        assert hits.num_rows == min(k, 170)
+        assert set(hits.column("user_id").to_pylist()) == {"user-4"}

@@ -63,7 +63,9 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
 
 
 def test_injected_faults_lose_nothing(make_resources, make_bedrock, db):
-    bedrock = make_bedrock(local_throttle_rate=0.3, local_error_rate=0.1, max_attempts=12)
+    bedrock = make_bedrock(
+        local_throttle_rate=0.3, local_error_rate=0.1, max_attempts=12, local_fault_seed=3
+    )
     m = meta(run(make_resources(SAMPLE_DATA_DIR), bedrock))
     assert counts(db)[1] == 0 and m["rows_failed"] == 0
     assert m["retries"] > 0 and m["invoke_attempts"] == m["local_endpoint_requests"]

@@ -10,7 +10,10 @@ from retrieval_assets.lib.chunking import ChunkerResource
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.titan import (
     backlog,
+    build_hnsw,
+    bulk_load,
     check_dimensions,
+    drop_hnsw,
     embed_pending,
     ensure_titan_model,
     quarantined,
@@ -59,13 +62,28 @@ def titan_embeddings(
                 f"{cleared} vectors from another model were cleared; "
                 f"re-embedding with {bedrock.label}"
             )
-        stats = embed_pending(
-            conn,
-            bedrock,
-            count_tokens=chunker.chunker.count_tokens,
-            quarantine_after=QUARANTINE_AFTER,
-            progress=context.log.info,
-        )
+        bulk = bulk_load(conn, backlog(conn))
+        if bulk:
+            context.log.info(
+                "bulk load: the HNSW index is dropped while the rows are filled and "
+                "built once at the end (Postgres searches scan exactly meanwhile)"
+            )
+            drop_hnsw(conn)
+        build_seconds = 0.0
+        try:
+            stats = embed_pending(
+                conn,
+                bedrock,
+                count_tokens=chunker.chunker.count_tokens,
+                quarantine_after=QUARANTINE_AFTER,
+                progress=context.log.info,
+            )
+        finally:
+            if bulk:  # whatever happened, searches get their index back
+                build_started = time.monotonic()
+                build_hnsw(conn)
+                build_seconds = time.monotonic() - build_started
+                context.log.info(f"HNSW index rebuilt in {build_seconds:.1f}s")
         remaining, in_quarantine = backlog(conn), quarantined(conn)
     seconds = time.monotonic() - started
     context.log.info(
@@ -87,6 +105,8 @@ def titan_embeddings(
             "cleared_other_model": cleared,
             "rows_per_second": round(stats.embedded / seconds, 1) if seconds else 0.0,
             "nulls_remaining": remaining,
+            "bulk_load": bulk,
+            "hnsw_build_seconds": round(build_seconds, 1),
             **{f"local_endpoint_{k}": v for k, v in bedrock.endpoint_counts().items()},
         },
         check_results=[
