@@ -93,19 +93,6 @@ def rows_to_arrow(rows: Iterable[tuple]) -> pa.Table:
     )
 
 
-def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`batch` in the table's full schema: columns it lacks (vectors) are NULL."""
-    import pyarrow as pa
-
-    columns = [
-        batch.column(f.name).cast(f.type)
-        if f.name in batch.column_names
-        else pa.nulls(batch.num_rows, type=f.type)
-        for f in schema
-    ]
-    return pa.table(columns, schema=schema)
-
-
 def insert_missing(table: Any, batch: pa.Table) -> None:
     """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay.
 

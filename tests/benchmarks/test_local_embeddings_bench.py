@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, conform
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, load_tokenizer, local_model_dir
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 from retrieval_assets.lib.search import coarse_search, search
@@ -129,7 +129,7 @@ def test_embedding_speed(models):
 def build_table(uri, rows, fe, st):
     n = len(rows)
     db = lancedb.connect(uri)
-    base = pa.table(
+    base = pa.Table.from_pydict(
         {
             "chunk_id": [f"{i:032x}" for i in range(n)],
             "user_id": [f"user-{i % 1000}" for i in range(n)],
@@ -143,9 +143,9 @@ def build_table(uri, rows, fe, st):
             "content_hash": [""] * n,
             "token_count": [0] * n,
             "created_at": [None] * n,
-        }
+        },
+        schema=chunk_schema(),
     )
-    base = conform(base, chunk_schema())
     base = base.append_column(
         FASTEMBED_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(fe.ravel()), fe.shape[1])
     )

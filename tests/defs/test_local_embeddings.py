@@ -17,7 +17,7 @@ from retrieval_assets.defs.local_embeddings.assets import (
     sentence_transformer_vectors,
 )
 from retrieval_assets.lib.embedders import SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, conform
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import coarse_search, search
@@ -206,7 +206,7 @@ def corpus(tmp_path_factory, fastembed, sentence_transformer):
     sentences = real_sentences(1_700)
     n = len(sentences)
     uri = str(tmp_path_factory.mktemp("corpus"))
-    base = pa.table(
+    base = pa.Table.from_pydict(
         {
             "chunk_id": [f"{i:032x}" for i in range(n)],
             "user_id": [f"user-{i % 10}" if i >= 3 else "rare-user" for i in range(n)],
@@ -220,9 +220,10 @@ def corpus(tmp_path_factory, fastembed, sentence_transformer):
             "content_hash": ["h"] * n,
             "token_count": [len(s.split()) for s in sentences],
             "created_at": [None] * n,
-        }
+        },
+        schema=chunk_schema(),
     )
-    chunks = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=conform(base, chunk_schema()))
+    chunks = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=base)
     chunks.add_columns(pa.field(FASTEMBED_COLUMN, pa.list_(pa.float32(), 384)))
     chunks.add_columns(pa.field(ST_COLUMN, pa.list_(pa.float32(), 384)))
     fill_nulls(chunks, FASTEMBED_COLUMN, fastembed.embed_documents)
