@@ -119,9 +119,6 @@ class BedrockResource(ResourceWithBoto3Configuration):
         """What the local endpoint answered (requests, ok, throttled, errors, timeouts)."""
         return dict(self._endpoint.counts) if self._endpoint is not None else {}
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self.client()  # start the local endpoint (if any) and build the client once
-
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._endpoint is not None:
             self._endpoint.stop()

@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 
 from retrieval_assets.lib.schema import HNSW_INDEX, embedding_dims, hnsw_index_sql
+from retrieval_assets.lib.shards import like_pattern
 
 
 class TitanSchemaMismatch(RuntimeError):
@@ -61,16 +62,18 @@ def ensure_titan_model(conn: psycopg.Connection, label: str, dims: int) -> int:
     return cleared
 
 
-_PENDING = (
+PENDING_ROWS = (
     "FROM conversation_chunks c WHERE c.embedding IS NULL AND NOT EXISTS "
     "(SELECT 1 FROM embedding_failures f WHERE f.chunk_id = c.chunk_id "
     "AND f.quarantined_at IS NOT NULL)"
 )
 
 
-def backlog(conn: psycopg.Connection) -> int:
-    """Rows still waiting for a Titan vector (quarantined rows excluded)."""
-    return conn.execute(f"SELECT count(*) {_PENDING}").fetchone()[0]
+def backlog(conn: psycopg.Connection, shard: str | None = None) -> int:
+    """Rows still waiting for a Titan vector (quarantined rows excluded), in `shard` if given."""
+    return conn.execute(
+        f"SELECT count(*) {PENDING_ROWS} AND c.chunk_id LIKE %s", [like_pattern(shard)]
+    ).fetchone()[0]
 
 
 def quarantined(conn: psycopg.Connection) -> int:
@@ -80,13 +83,17 @@ def quarantined(conn: psycopg.Connection) -> int:
 
 
 def pending_after(
-    conn: psycopg.Connection, after: str, limit: int, skip: Sequence[str] = ()
+    conn: psycopg.Connection,
+    after: str,
+    limit: int,
+    skip: Sequence[str] = (),
+    shard: str | None = None,
 ) -> list[tuple[str, str]]:
     """The next `limit` (chunk_id, content) without a vector, by chunk_id after `after`."""
     return conn.execute(
-        f"SELECT c.chunk_id, c.content {_PENDING} AND c.chunk_id > %s "
-        "AND c.chunk_id <> ALL(%s) ORDER BY c.chunk_id LIMIT %s",
-        [after, list(skip), limit],
+        f"SELECT c.chunk_id, c.content {PENDING_ROWS} AND c.chunk_id > %s "
+        "AND c.chunk_id LIKE %s AND c.chunk_id <> ALL(%s) ORDER BY c.chunk_id LIMIT %s",
+        [after, like_pattern(shard), list(skip), limit],
     ).fetchall()
 
 
@@ -219,8 +226,10 @@ def embed_pending(
     count_tokens=None,
     progress=print,
     max_rows: int | None = None,
+    shard: str | None = None,
 ) -> TitanRunStats:
-    """Embed every row still NULL (quarantined excepted), one committed batch at a time.
+    """Embed every row still NULL (quarantined excepted) — of one hash `shard` if given —
+    one committed batch at a time.
 
     Pages by chunk_id; when a pass reaches the end it starts over, so rows inserted behind the
     cursor while it ran are picked up too. A row that fails is tried once per run: it stays NULL,
@@ -230,7 +239,7 @@ def embed_pending(
     failed_this_run: list[str] = []
     while max_rows is None or stats.embedded < max_rows:
         after, progressed = "", False
-        while batch := pending_after(conn, after, batch_size, failed_this_run):
+        while batch := pending_after(conn, after, batch_size, failed_this_run, shard):
             after = batch[-1][0]
             results = bedrock.embed_many([content for _, content in batch], count_tokens)
             done = [

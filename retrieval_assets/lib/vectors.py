@@ -122,57 +122,65 @@ def fill_nulls(
     column: str,
     embed: Callable[[list[str], list[int]], np.ndarray],
     *,
+    where: str | None = None,
     write_rows: int = 4_096,
+    max_passes: int = 10,
     progress: Callable[[str], None] = _log.info,
 ) -> FillResult:
-    """Embed every row whose `column` is NULL, in bounded batches; other rows are not read.
+    """Embed every row whose `column` is NULL (within `where`), in bounded batches.
 
-    The set of NULL rows is read once (ids and token counts only), ordered by length so each
-    model batch pads little, and each batch is written back with one merge by chunk id: a crash
+    A pass reads the ids of the NULL rows (ids and token counts only), orders them by length so
+    each model batch pads little, and writes each batch back with one merge by chunk id: a crash
     loses at most the batch in flight, and the next run picks up exactly the rows still NULL.
+    Batches are addressed by id, never by position in the shrinking NULL set. When a pass ends,
+    another one picks up rows inserted meanwhile, until a pass finds nothing (or `max_passes`).
     """
     import pyarrow as pa
 
     started = time.monotonic()
-    result = FillResult(skipped=table.count_rows() - count_nulls(table, column))
-    pending = (
-        table.search()
-        .where(f"{column} IS NULL")
-        .select(["chunk_id", "token_count"])
-        .limit(None)
-        .to_arrow()
-    )
-    order = np.argsort(pending.column("token_count").to_numpy(), kind="stable")
-    ids = pending.column("chunk_id").to_numpy(zero_copy_only=False)[order]
-    for start in range(0, len(ids), write_rows):
-        batch_ids = list(ids[start : start + write_rows])
-        rows = (
-            table.search()
-            .where(f"chunk_id IN ({quote_ids(batch_ids)})")
-            .select(["chunk_id", "content", "token_count"])
-            .limit(None)
-            .to_arrow()
+    scope = f"{column} IS NULL" + (f" AND ({where})" if where else "")
+    result = FillResult(skipped=table.count_rows(where) - table.count_rows(scope))
+    for _ in range(max_passes):
+        pending = (
+            table.search().where(scope).select(["chunk_id", "token_count"]).limit(None).to_arrow()
         )
-        if rows.num_rows == 0:  # deleted since the scan
-            continue
-        vectors = embed(rows.column("content").to_pylist(), rows.column("token_count").to_pylist())
-        dims = vectors.shape[1]
-        update = pa.table(
-            {
-                "chunk_id": rows.column("chunk_id"),
-                column: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dims),
-            }
-        )
-        table.merge_insert("chunk_id").when_matched_update_all().execute(update)
-        result.embedded += rows.num_rows
-        result.batches += 1
-        elapsed = time.monotonic() - started
-        progress(
-            f"{column}: {result.embedded}/{len(ids)} rows embedded "
-            f"({result.embedded / elapsed:.0f} rows/s)"
-        )
+        if pending.num_rows == 0:
+            break
+        order = np.argsort(pending.column("token_count").to_numpy(), kind="stable")
+        ids = pending.column("chunk_id").to_numpy(zero_copy_only=False)[order]
+        for start in range(0, len(ids), write_rows):
+            batch = ids[start : start + write_rows]
+            rows = (
+                table.search()
+                .where(f"{column} IS NULL AND chunk_id IN ({quote_ids(batch)})")
+                .select(["chunk_id", "content", "token_count"])
+                .limit(None)
+                .to_arrow()
+            )
+            if rows.num_rows == 0:  # deleted, or filled by another run, since the scan
+                continue
+            vectors = embed(
+                rows.column("content").to_pylist(), rows.column("token_count").to_pylist()
+            )
+            update = pa.table(
+                {
+                    "chunk_id": rows.column("chunk_id"),
+                    column: pa.FixedSizeListArray.from_arrays(
+                        pa.array(vectors.ravel()), vectors.shape[1]
+                    ),
+                }
+            )
+            table.merge_insert("chunk_id").when_matched_update_all().execute(update)
+            result.embedded += rows.num_rows
+            result.batches += 1
+            elapsed = time.monotonic() - started
+            progress(
+                f"{column}: batch {result.batches}, {result.embedded} rows embedded "
+                f"({result.embedded / elapsed:.0f} rows/s), {len(ids) - start - rows.num_rows} "
+                "left in this pass"
+            )
     result.seconds = time.monotonic() - started
-    result.remaining = count_nulls(table, column)
+    result.remaining = table.count_rows(scope)
     return result
 
 
@@ -249,3 +257,12 @@ def ensure_coarse_index(
     return IndexResult(
         action, stats.num_indexed_rows, stats.num_unindexed_rows, time.monotonic() - started
     )
+
+
+def vector_norms(table: Any, column: str, sample: int) -> np.ndarray:
+    """L2 norms of up to `sample` stored vectors of `column`."""
+    rows = table.search().where(f"{column} IS NOT NULL").select([column]).limit(sample).to_arrow()
+    if rows.num_rows == 0:
+        return np.ones(0, dtype=np.float32)
+    flat = rows.column(column).combine_chunks().flatten().to_numpy()
+    return np.linalg.norm(flat.reshape(rows.num_rows, -1), axis=1)

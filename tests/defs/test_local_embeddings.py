@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval_assets.defs.coarse_index.assets import coarse_index
+from retrieval_assets.defs.coarse_index.assets import coarse_index, coarse_recall
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.local_embeddings.assets import (
     fastembed_vectors,
     sentence_transformer_vectors,
 )
+from retrieval_assets.defs.local_embeddings.checks import local_vector_checks
 from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
@@ -37,6 +38,8 @@ GRAPH = [
     fastembed_vectors,
     sentence_transformer_vectors,
     coarse_index,
+    coarse_recall,
+    local_vector_checks,
 ]
 
 
@@ -83,7 +86,18 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
         "vector": "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2 384",
     }
     index = meta(result, "lancedb/coarse_index")
-    assert index["action"] == "none" and index["sampled_recall_at_10"] == 1.0
+    assert index["action"] == "none"
+    checks = {
+        (e.asset_key.to_user_string(), e.check_name): e
+        for e in result.get_asset_check_evaluations()
+    }
+    assert checks[("lancedb/coarse_index", "coarse_recall_at_10")].metadata[
+        "recall_at_10"
+    ].value == pytest.approx(1.0)
+    for key in ("lancedb/fastembed_vectors", "lancedb/sentence_transformer_vectors"):
+        for name in ("null_backlog", "dims_match_declared", "unit_norms"):
+            assert checks[(key, name)].passed, (key, name)
+        assert checks[(key, "dims_match_declared")].metadata["stored_dims"].value == 384
 
 
 def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lance_uri):

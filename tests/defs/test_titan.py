@@ -8,6 +8,7 @@ import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
+from retrieval_assets.defs.titan_embeddings.checks import titan_checks
 from retrieval_assets.lib.bedrock_emulator import projection
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
@@ -21,7 +22,7 @@ from retrieval_assets.lib.titan import (
 )
 from tests.conftest import real_sentences
 
-GRAPH = [conversations, conversation_chunks, titan_embeddings]
+GRAPH = [conversations, conversation_chunks, titan_embeddings, titan_checks]
 
 
 def run(resources: dict, bedrock) -> dg.ExecuteInProcessResult:

@@ -137,6 +137,7 @@ def conversations(
             kinds={"postgres"},
             owners=["team:data-platform"],
             code_version=f"chunker-v{CHUNKER_VERSION}",
+            automation_condition=dg.AutomationCondition.eager(),
             description="Turn-aware chunks of every conversation, sized in tokens of the "
             "embedding model's tokenizer, with speaker roles, turn span and tier; the Titan "
             "vector column starts NULL.",
@@ -148,6 +149,7 @@ def conversations(
             kinds={"lancedb"},
             owners=["team:data-platform"],
             code_version=f"chunker-v{CHUNKER_VERSION}",
+            automation_condition=dg.AutomationCondition.eager(),
             description="The same chunks in LanceDB, where the FastEmbed and "
             "sentence-transformers vector columns live; kept equal to Postgres by chunk id.",
         ),

@@ -4,18 +4,22 @@ One asset per column: if one model fails, its column stays NULL for the backfill
 column is unaffected — a column is only ever filled by its own model.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from retrieval_assets.defs.conversations.assets import LANCEDB_CHUNKS
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.shards import lancedb_filter
 from retrieval_assets.lib.vectors import (
     FASTEMBED_COLUMN,
     ST_COLUMN,
     column_dims,
     ensure_vector_column,
     fill_nulls,
+    registered_model,
 )
 
 FASTEMBED_VECTORS = dg.AssetKey(["lancedb", "fastembed_vectors"])
@@ -23,37 +27,63 @@ ST_VECTORS = dg.AssetKey(["lancedb", "sentence_transformer_vectors"])
 GROUP = "local_embeddings"
 
 
+class ColumnNotMigrated(RuntimeError):
+    """A shard backfill met a column that its asset has not migrated to the configured model."""
+
+
 def fill_column(
-    context: dg.AssetExecutionContext,
+    log: dg.DagsterLogManager,
     postgres: PostgresResource,
     lancedb: LanceDBResource,
     embedder: FastEmbedResource | SentenceTransformerResource,
     column: str,
-) -> dg.MaterializeResult:
+    shard: str | None = None,
+) -> dict[str, Any]:
+    """Fill `column`'s NULL rows (of one hash `shard`, or all); returns the run's metadata.
+
+    Only a whole-column run (the asset) creates or migrates the column: shard runs proceed in
+    parallel and must all write the same vector space, so they refuse a column not yet migrated.
+    """
     with postgres.get_connection() as conn, lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
-        action = ensure_vector_column(table, conn, column, embedder.label, lambda: embedder.dims)
-        if action != "unchanged":
-            context.log.info(f"{column}: column {action} for {embedder.label}")
+        if shard is None:
+            action = ensure_vector_column(
+                table, conn, column, embedder.label, lambda: embedder.dims
+            )
+            if action != "unchanged":
+                log.info(f"{column}: column {action} for {embedder.label}")
+        else:
+            action = "unchanged"
+            registered = registered_model(conn, column)
+            if (
+                column_dims(table, column) is None
+                or not registered
+                or registered[0] != (embedder.label)
+            ):
+                raise ColumnNotMigrated(
+                    f"{column} is recorded for {registered and registered[0]}, not "
+                    f"{embedder.label}: materialize its asset to migrate the column first"
+                )
         dims = column_dims(table, column)
-        result = fill_nulls(table, column, embedder.embed_documents, progress=context.log.info)
-    context.log.info(
+        result = fill_nulls(
+            table, column, embedder.embed_documents, where=lancedb_filter(shard), progress=log.info
+        )
+    log.info(
         f"{column}: embedded {result.embedded} rows in {result.seconds:.1f}s, "
         f"{result.skipped} already had vectors, {result.remaining} still NULL"
     )
-    return dg.MaterializeResult(
-        metadata={
-            "model": embedder.label,
-            "dims": dims,
-            "column": column,
-            "column_action": action,
-            "rows_embedded": result.embedded,
-            "rows_skipped": result.skipped,
-            "rows_per_second": round(result.rate, 1),
-            "seconds": round(result.seconds, 2),
-            "nulls_remaining": result.remaining,
-        }
-    )
+    return {
+        "model": embedder.label,
+        "dims": dims,
+        "column": column,
+        "column_action": action,
+        "shard": shard or "all",
+        "rows_embedded": result.embedded,
+        "rows_skipped": result.skipped,
+        "rows_per_second": round(result.rate, 1),
+        "seconds": round(result.seconds, 2),
+        "nulls_remaining": result.remaining,
+    }
 
 
 @dg.asset(
@@ -63,6 +93,7 @@ def fill_column(
     kinds={"lancedb", "onnx"},
     owners=["team:data-platform"],
     code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def fastembed_vectors(
     context: dg.AssetExecutionContext,
@@ -72,7 +103,9 @@ def fastembed_vectors(
 ) -> dg.MaterializeResult:
     """FastEmbed vectors of each chunk (column `vector_fastembed`): the coarse space that the ANN
     index narrows a large history with. Only rows whose vector is NULL are embedded."""
-    return fill_column(context, postgres, lancedb, fastembed, FASTEMBED_COLUMN)
+    return dg.MaterializeResult(
+        metadata=fill_column(context.log, postgres, lancedb, fastembed, FASTEMBED_COLUMN)
+    )
 
 
 @dg.asset(
@@ -82,6 +115,7 @@ def fastembed_vectors(
     kinds={"lancedb", "pytorch"},
     owners=["team:data-platform"],
     code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
 )
 def sentence_transformer_vectors(
     context: dg.AssetExecutionContext,
@@ -91,4 +125,6 @@ def sentence_transformer_vectors(
 ) -> dg.MaterializeResult:
     """sentence-transformers vectors of each chunk (column `vector`): the fine space that reranks
     the coarse candidates. Only rows whose vector is NULL are embedded."""
-    return fill_column(context, postgres, lancedb, sentence_transformer, ST_COLUMN)
+    return dg.MaterializeResult(
+        metadata=fill_column(context.log, postgres, lancedb, sentence_transformer, ST_COLUMN)
+    )

@@ -1,6 +1,7 @@
 """Bedrock Titan Text Embeddings v2 vectors of every chunk, in Postgres (pgvector, HNSW)."""
 
 import time
+from typing import Any
 
 import dagster as dg
 
@@ -20,37 +21,22 @@ from retrieval_assets.lib.titan import (
 )
 
 TITAN_EMBEDDINGS = dg.AssetKey(["postgres", "titan_embeddings"])
-QUARANTINE_CHECK = "no_quarantined_rows"
 BEDROCK_POOL = "bedrock"
 QUARANTINE_AFTER = 3
 
 
-@dg.asset(
-    key=TITAN_EMBEDDINGS,
-    deps=[POSTGRES_CHUNKS],
-    group_name="titan_embeddings",
-    kinds={"postgres", "bedrock"},
-    owners=["team:data-platform"],
-    code_version="1",
-    pool=BEDROCK_POOL,
-    check_specs=[
-        dg.AssetCheckSpec(
-            QUARANTINE_CHECK,
-            asset=TITAN_EMBEDDINGS,
-            description="No chunk is quarantined after repeated Titan "
-            "failures (replay with `retrieval-assets replay-quarantine`).",
-        )
-    ],
-)
-def titan_embeddings(
-    context: dg.AssetExecutionContext,
+def embed_titan(
+    log: dg.DagsterLogManager,
     postgres: PostgresResource,
     bedrock: BedrockResource,
     chunker: ChunkerResource,
-) -> dg.MaterializeResult:
-    """Titan Text Embeddings v2 vectors of each chunk (`conversation_chunks.embedding`), the
-    production search path behind the match_conversation_chunks RPCs. Each row records what made
-    it: Amazon Bedrock, or the local Bedrock endpoint when no AWS credentials are configured."""
+    shard: str | None = None,
+) -> dict[str, Any]:
+    """Embed the pending rows (of one hash `shard`, or all); returns the run's metadata.
+
+    Only a whole-column run may take the bulk path (drop HNSW, fill, build once): shard runs
+    proceed in parallel and keep the index.
+    """
     started = time.monotonic()
     source = "local Bedrock endpoint" if bedrock.is_local else "Amazon Bedrock"
     with postgres.get_connection() as conn:
@@ -58,13 +44,13 @@ def titan_embeddings(
         check_dimensions(conn, bedrock.dimensions)
         cleared = ensure_titan_model(conn, bedrock.label, bedrock.dimensions)
         if cleared:
-            context.log.warning(
+            log.warning(
                 f"{cleared} vectors from another model were cleared; "
                 f"re-embedding with {bedrock.label}"
             )
-        bulk = bulk_load(conn, backlog(conn))
+        bulk = shard is None and bulk_load(conn, backlog(conn))
         if bulk:
-            context.log.info(
+            log.info(
                 "bulk load: the HNSW index is dropped while the rows are filled and "
                 "built once at the end (Postgres searches scan exactly meanwhile)"
             )
@@ -76,45 +62,59 @@ def titan_embeddings(
                 bedrock,
                 count_tokens=chunker.chunker.count_tokens,
                 quarantine_after=QUARANTINE_AFTER,
-                progress=context.log.info,
+                progress=log.info,
+                shard=shard,
             )
         finally:
             if bulk:  # whatever happened, searches get their index back
                 build_started = time.monotonic()
                 build_hnsw(conn)
                 build_seconds = time.monotonic() - build_started
-                context.log.info(f"HNSW index rebuilt in {build_seconds:.1f}s")
-        remaining, in_quarantine = backlog(conn), quarantined(conn)
+                log.info(f"HNSW index rebuilt in {build_seconds:.1f}s")
+        remaining, in_quarantine = backlog(conn, shard), quarantined(conn)
     seconds = time.monotonic() - started
-    context.log.info(
+    log.info(
         f"{stats.embedded} chunks embedded by {source} in {seconds:.1f}s; "
         f"{stats.failed} failed, {in_quarantine} quarantined, {remaining} pending"
     )
-    return dg.MaterializeResult(
-        metadata={
-            "model": bedrock.label,
-            "vector_source": source,
-            "dims": bedrock.dimensions,
-            "rows_embedded": stats.embedded,
-            "rows_failed": stats.failed,
-            "rows_truncated": stats.truncated,
-            "invoke_attempts": stats.attempts,
-            "retries": max(stats.attempts - stats.embedded - stats.failed, 0),
-            "newly_quarantined": stats.newly_quarantined,
-            "quarantined": in_quarantine,
-            "cleared_other_model": cleared,
-            "rows_per_second": round(stats.embedded / seconds, 1) if seconds else 0.0,
-            "nulls_remaining": remaining,
-            "bulk_load": bulk,
-            "hnsw_build_seconds": round(build_seconds, 1),
-            **{f"local_endpoint_{k}": v for k, v in bedrock.endpoint_counts().items()},
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=QUARANTINE_CHECK,
-                passed=in_quarantine == 0,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"quarantined": in_quarantine},
-            )
-        ],
-    )
+    return {
+        "model": bedrock.label,
+        "vector_source": source,
+        "dims": bedrock.dimensions,
+        "shard": shard or "all",
+        "rows_embedded": stats.embedded,
+        "rows_failed": stats.failed,
+        "rows_truncated": stats.truncated,
+        "invoke_attempts": stats.attempts,
+        "retries": max(stats.attempts - stats.embedded - stats.failed, 0),
+        "newly_quarantined": stats.newly_quarantined,
+        "quarantined": in_quarantine,
+        "cleared_other_model": cleared,
+        "rows_per_second": round(stats.embedded / seconds, 1) if seconds else 0.0,
+        "nulls_remaining": remaining,
+        "bulk_load": bulk,
+        "hnsw_build_seconds": round(build_seconds, 1),
+        **{f"local_endpoint_{k}": v for k, v in bedrock.endpoint_counts().items()},
+    }
+
+
+@dg.asset(
+    key=TITAN_EMBEDDINGS,
+    deps=[POSTGRES_CHUNKS],
+    group_name="titan_embeddings",
+    kinds={"postgres", "bedrock"},
+    owners=["team:data-platform"],
+    code_version="1",
+    pool=BEDROCK_POOL,
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def titan_embeddings(
+    context: dg.AssetExecutionContext,
+    postgres: PostgresResource,
+    bedrock: BedrockResource,
+    chunker: ChunkerResource,
+) -> dg.MaterializeResult:
+    """Titan Text Embeddings v2 vectors of each chunk (`conversation_chunks.embedding`), the
+    production search path behind the match_conversation_chunks RPCs. Each row records what made
+    it: Amazon Bedrock, or the local Bedrock endpoint when no AWS credentials are configured."""
+    return dg.MaterializeResult(metadata=embed_titan(context.log, postgres, bedrock, chunker))

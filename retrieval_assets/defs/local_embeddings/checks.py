@@ -1,0 +1,87 @@
+"""Store-level checks of the LanceDB vector columns: backlog, dimensions, norms."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+import numpy as np
+
+from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
+from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.vectors import (
+    FASTEMBED_COLUMN,
+    ST_COLUMN,
+    column_dims,
+    registered_model,
+    vector_norms,
+)
+
+NULL_BACKLOG = "null_backlog"
+DIMS_MATCH = "dims_match_declared"
+UNIT_NORMS = "unit_norms"
+NULL_BACKLOG_WARN_ROWS = 1_000  # past this, the backfill sensor is off or failing
+NORM_TOLERANCE = 1e-3
+NORM_SAMPLE = 1_000
+COLUMNS = {FASTEMBED_VECTORS: FASTEMBED_COLUMN, ST_VECTORS: ST_COLUMN}
+
+
+@dg.multi_asset_check(
+    specs=[
+        spec
+        for key in COLUMNS
+        for spec in (
+            dg.AssetCheckSpec(
+                NULL_BACKLOG,
+                asset=key,
+                description=f"Fewer than {NULL_BACKLOG_WARN_ROWS} chunks wait for a vector.",
+            ),
+            dg.AssetCheckSpec(
+                DIMS_MATCH,
+                asset=key,
+                description="The column's stored size equals the dims recorded for its model "
+                "in embedding_schema_versions.",
+            ),
+            dg.AssetCheckSpec(
+                UNIT_NORMS,
+                asset=key,
+                description=f"A sample of {NORM_SAMPLE} vectors has L2 norm 1 "
+                f"(± {NORM_TOLERANCE}).",
+            ),
+        )
+    ],
+)
+def local_vector_checks(
+    postgres: PostgresResource, lancedb: LanceDBResource
+) -> Iterator[dg.AssetCheckResult]:
+    with postgres.get_connection() as conn, lancedb.get_connection() as db:
+        table = lancedb.chunks_table(db)
+        for key, column in COLUMNS.items():
+            stored = column_dims(table, column)
+            nulls = table.count_rows(f"{column} IS NULL") if stored else table.count_rows()
+            yield dg.AssetCheckResult(
+                asset_key=key,
+                check_name=NULL_BACKLOG,
+                passed=nulls < NULL_BACKLOG_WARN_ROWS,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
+            )
+            registered = registered_model(conn, column)
+            declared = registered[1] if registered else None
+            yield dg.AssetCheckResult(
+                asset_key=key,
+                check_name=DIMS_MATCH,
+                passed=stored is None or stored == declared,
+                metadata={
+                    "stored_dims": stored or 0,
+                    "declared_dims": declared or 0,
+                    "model": registered[0] if registered else "none",
+                },
+            )
+            norms = vector_norms(table, column, NORM_SAMPLE) if stored else np.ones(0)
+            worst = float(np.abs(norms - 1).max()) if len(norms) else 0.0
+            yield dg.AssetCheckResult(
+                asset_key=key,
+                check_name=UNIT_NORMS,
+                passed=worst <= NORM_TOLERANCE,
+                metadata={"sampled": len(norms), "max_norm_deviation": worst},
+            )

@@ -1,0 +1,87 @@
+"""Store-level checks of the Titan column in Postgres: backlog, dimensions, norms, quarantine."""
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from retrieval_assets.defs.local_embeddings.checks import (
+    DIMS_MATCH,
+    NORM_SAMPLE,
+    NORM_TOLERANCE,
+    NULL_BACKLOG,
+    NULL_BACKLOG_WARN_ROWS,
+    UNIT_NORMS,
+)
+from retrieval_assets.defs.titan_embeddings.assets import TITAN_EMBEDDINGS
+from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.schema import embedding_dims
+from retrieval_assets.lib.titan import backlog, quarantined
+
+NO_QUARANTINE = "no_quarantined_rows"
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            NULL_BACKLOG,
+            asset=TITAN_EMBEDDINGS,
+            description=f"Fewer than {NULL_BACKLOG_WARN_ROWS} chunks wait for a Titan vector.",
+        ),
+        dg.AssetCheckSpec(
+            DIMS_MATCH,
+            asset=TITAN_EMBEDDINGS,
+            description="conversation_chunks.embedding has the configured TITAN_DIMENSIONS.",
+        ),
+        dg.AssetCheckSpec(
+            UNIT_NORMS,
+            asset=TITAN_EMBEDDINGS,
+            description=f"A sample of {NORM_SAMPLE} Titan vectors has L2 norm 1 "
+            f"(± {NORM_TOLERANCE}; the resource asks Titan to normalize).",
+        ),
+        dg.AssetCheckSpec(
+            NO_QUARANTINE,
+            asset=TITAN_EMBEDDINGS,
+            description="No chunk is quarantined after repeated Titan failures "
+            "(replay with `retrieval-assets replay-quarantine`).",
+        ),
+    ],
+)
+def titan_checks(
+    postgres: PostgresResource, bedrock: BedrockResource
+) -> Iterator[dg.AssetCheckResult]:
+    with postgres.get_connection() as conn:
+        pending, in_quarantine, stored = backlog(conn), quarantined(conn), embedding_dims(conn)
+        lo, hi, sampled = conn.execute(
+            "SELECT coalesce(min(n), 1), coalesce(max(n), 1), count(*) FROM (SELECT "
+            "vector_norm(embedding) AS n FROM conversation_chunks WHERE embedding IS NOT NULL "
+            "LIMIT %s) s",
+            [NORM_SAMPLE],
+        ).fetchone()
+    yield dg.AssetCheckResult(
+        asset_key=TITAN_EMBEDDINGS,
+        check_name=NULL_BACKLOG,
+        passed=pending < NULL_BACKLOG_WARN_ROWS,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"null_rows": pending, "warn_at": NULL_BACKLOG_WARN_ROWS},
+    )
+    yield dg.AssetCheckResult(
+        asset_key=TITAN_EMBEDDINGS,
+        check_name=DIMS_MATCH,
+        passed=stored == bedrock.dimensions,
+        metadata={"stored_dims": stored, "declared_dims": bedrock.dimensions},
+    )
+    worst = max(abs(lo - 1), abs(hi - 1))
+    yield dg.AssetCheckResult(
+        asset_key=TITAN_EMBEDDINGS,
+        check_name=UNIT_NORMS,
+        passed=worst <= NORM_TOLERANCE,
+        metadata={"sampled": sampled, "max_norm_deviation": float(worst)},
+    )
+    yield dg.AssetCheckResult(
+        asset_key=TITAN_EMBEDDINGS,
+        check_name=NO_QUARANTINE,
+        passed=in_quarantine == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"quarantined": in_quarantine},
+    )
