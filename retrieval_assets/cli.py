@@ -20,13 +20,42 @@ from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, PROJECT_ROOT
 MAIN_JOB = "retrieval_job"
 
 
+POSTGRES_STORAGE = """
+# Added because DAGSTER_POSTGRES_URL is set: runs, events and schedules in Postgres.
+storage:
+  postgres:
+    postgres_url:
+      env: DAGSTER_POSTGRES_URL
+"""
+
+
+def instance_yaml() -> str:
+    """The instance configuration: the project's dagster.yaml, plus Postgres storage when
+    DAGSTER_POSTGRES_URL is set (the URL stays in the environment, never in the file)."""
+    text = (PROJECT_ROOT / "dagster.yaml").read_text()
+    return text + POSTGRES_STORAGE if os.environ.get("DAGSTER_POSTGRES_URL") else text
+
+
 def _ensure_dagster_home() -> None:
     """Runs started here land in the same instance `dagster dev` shows (see ./dev)."""
     home = os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DATA_DIR / "dagster"))
     os.makedirs(home, exist_ok=True)
-    link = os.path.join(home, "dagster.yaml")
-    if not os.path.exists(link):
-        os.symlink(PROJECT_ROOT / "dagster.yaml", link)
+    path = os.path.join(home, "dagster.yaml")
+    wanted = instance_yaml()
+    if os.path.islink(path) or not os.path.exists(path) or open(path).read() != wanted:
+        if os.path.lexists(path):
+            os.unlink(path)
+        with open(path, "w") as out:
+            out.write(wanted)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The web UI and the daemon (dagster dev) on this project's instance."""
+    _ensure_dagster_home()
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    os.execv(dagster, [dagster, "dev", "-w", workspace, *args.dagster_args])
+    return 0  # not reached
 
 
 def _resources():
@@ -184,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="materialize the whole graph").set_defaults(fn=cmd_run)
     sub.add_parser("status", help="store counts and NULL backlog").set_defaults(fn=cmd_status)
+    ui = sub.add_parser("ui", help="the Dagster web UI and daemon (dagster dev)")
+    ui.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to dagster dev")
+    ui.set_defaults(fn=cmd_ui)
     find = sub.add_parser("search", help="two-stage search: coarse top-100, then rerank")
     find.add_argument("query")
     find.add_argument("-k", type=int, default=5, help="results to show (default 5)")

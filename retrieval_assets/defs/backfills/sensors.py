@@ -74,7 +74,9 @@ def backlog_sensor(
         description=f"Launches `{backfill_job.name}` runs, one per hash shard, for chunks whose "
         f"`{column}` vector is NULL; re-materializes the asset when the column's model changed.",
     )
-    def sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    def sensor(context: dg.SensorEvaluationContext, **_: object) -> dg.SensorResult | dg.SkipReason:
+        # (**_: direct invocation passes the required resources by name; they are read from
+        # context.resources either way.)
         busy = runs_in_flight(context.instance, column, asset_key)
         if busy:
             return dg.SkipReason(

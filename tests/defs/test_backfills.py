@@ -1,0 +1,284 @@
+"""Backlog sensors and shard backfills, against the real stores, models and local Bedrock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from retrieval_assets.defs.backfills.jobs import BACKFILL_JOBS, COLUMN_TAG, SHARDS
+from retrieval_assets.defs.backfills.sensors import (
+    fastembed_backlog_sensor,
+    titan_backlog_sensor,
+)
+from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, fastembed_vectors
+from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
+from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.postgres import connect
+from retrieval_assets.lib.titan import embed_pending
+from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, count_nulls, fill_nulls
+from tests.conftest import real_sentences
+
+SENTENCES = real_sentences(1_200)
+
+
+def write_source(directory: Path, conversations: range) -> Path:
+    """A JSONL export of real text: conversation i is two turns by user-(i % 20)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "messages.jsonl").open("w") as out:
+        for i in conversations:
+            for turn, role in enumerate(("user", "assistant")):
+                record = {
+                    "conversation_id": f"conv-{i:05d}",
+                    "user_id": f"user-{i % 20}",
+                    "role": role,
+                    "content": SENTENCES[(2 * i + turn) % len(SENTENCES)],
+                    "created_at": 1_700_000_000 + i,
+                }
+                out.write(json.dumps(record) + "\n")
+    return directory
+
+
+def ingest(resources: dict) -> None:
+    dg.materialize([conversations, conversation_chunks], resources=resources)
+
+
+def tick(sensor, instance, resources, cursor=None):
+    with dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+        return sensor(context), context.cursor
+
+
+def requests(result) -> list[dg.RunRequest]:
+    assert isinstance(result, dg.SensorResult), result
+    return list(result.run_requests or [])
+
+
+def null_ids(db: str) -> set[str]:
+    with connect(db) as conn:
+        rows = conn.execute("SELECT chunk_id FROM conversation_chunks WHERE embedding IS NULL")
+        return {r[0] for r in rows}
+
+
+@pytest.fixture
+def backlog(tmp_path, make_graph_resources, make_bedrock):
+    """Resources over 240 ingested conversations; `more(n)` ingests n more."""
+    source = write_source(tmp_path / "source", range(240))
+    resources = {**make_graph_resources(source), "bedrock": make_bedrock()}
+    ingest(resources)
+
+    def more(n: int) -> None:
+        write_source(source, range(240 + n))
+        ingest(resources)
+
+    resources["more"] = more
+    return resources
+
+
+def test_fastembed_sensor_fires_on_nulls_and_is_quiet_when_clean(backlog, lance_uri):
+    more = backlog.pop("more")
+    with dg.instance_for_test() as instance:
+        # No column yet: the column must be created (a migration), so the asset is requested.
+        result, cursor = tick(fastembed_backlog_sensor, instance, backlog)
+        [migrate] = requests(result)
+        assert migrate.asset_selection == [FASTEMBED_VECTORS] and migrate.partition_key is None
+        dg.materialize([fastembed_vectors], resources=backlog, instance=instance)
+        result, cursor = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+        assert (
+            isinstance(result, dg.SkipReason) and "every chunk has a vector" in result.skip_message
+        )
+
+        more(60)
+        table = LanceDBResource(uri=lance_uri)
+        with table.get_connection() as db:
+            chunks = table.chunks_table(db)
+            pending = {
+                r["chunk_id"]
+                for r in chunks.search()
+                .where(f"{FASTEMBED_COLUMN} IS NULL")
+                .limit(None)
+                .select(["chunk_id"])
+                .to_arrow()
+                .to_pylist()
+            }
+        assert pending
+        result, cursor = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+        runs = requests(result)
+        assert {r.partition_key for r in runs} == {i[0] for i in pending}
+        assert all(r.job_name == "fastembed_backfill" for r in runs)
+        assert len({r.run_key for r in runs}) == len(runs)
+        embedded = 0
+        for run in runs:
+            done = BACKFILL_JOBS[FASTEMBED_COLUMN].execute_in_process(
+                partition_key=run.partition_key, resources=backlog, instance=instance, tags=run.tags
+            )
+            [event] = done.get_asset_materialization_events()
+            assert event.asset_key == FASTEMBED_VECTORS
+            metadata = event.materialization.metadata
+            assert metadata["shard"].value == run.partition_key
+            embedded += metadata["rows_embedded"].value
+        assert embedded == len(pending)  # every row once, none twice
+        with table.get_connection() as db:
+            assert count_nulls(table.chunks_table(db), FASTEMBED_COLUMN) == 0
+        result, _ = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+        assert (
+            isinstance(result, dg.SkipReason) and "every chunk has a vector" in result.skip_message
+        )
+
+
+def test_titan_sensor_launches_one_run_per_backlog_however_often_it_ticks(backlog, db):
+    backlog.pop("more")
+    with dg.instance_for_test() as instance:
+        first, cursor = tick(titan_backlog_sensor, instance, backlog)
+        runs = requests(first)
+        assert {r.partition_key for r in runs} == {i[0] for i in null_ids(db)}
+        # The same backlog: the next tick launches nothing, and says why.
+        again, cursor_again = tick(titan_backlog_sensor, instance, backlog, cursor)
+        assert isinstance(again, dg.SkipReason) and "unchanged" in again.skip_message
+        # A lost cursor derives the same run keys, which Dagster launches once.
+        fresh, _ = tick(titan_backlog_sensor, instance, backlog)
+        assert {r.run_key for r in requests(fresh)} == {r.run_key for r in runs}
+
+        # While a run writing the column is in flight, nothing is launched.
+        job = BACKFILL_JOBS["embedding"]
+        instance.create_run_for_job(
+            job_def=job,
+            status=dg.DagsterRunStatus.STARTED,
+            tags={COLUMN_TAG: "embedding", "dagster/partition": "0"},
+        )
+        busy, _ = tick(titan_backlog_sensor, instance, backlog)
+        assert isinstance(busy, dg.SkipReason) and "in flight" in busy.skip_message
+
+
+def test_titan_shard_runs_drain_the_backlog_exactly(backlog, db):
+    backlog.pop("more")
+    total = len(null_ids(db))
+    with dg.instance_for_test() as instance:
+        embedded = 0
+        for shard in SHARDS.get_partition_keys():
+            result = BACKFILL_JOBS["embedding"].execute_in_process(
+                partition_key=shard, resources=backlog, instance=instance
+            )
+            [event] = result.get_asset_materialization_events()
+            metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+            assert metadata["nulls_remaining"] == 0 and metadata["bulk_load"] is False
+            embedded += metadata["rows_embedded"]
+        assert embedded == total and not null_ids(db)
+        result, _ = tick(titan_backlog_sensor, instance, backlog)
+        assert isinstance(result, dg.SkipReason)
+
+
+class InsertingWhileEmbedding:
+    """The real Bedrock resource, plus another writer adding chunks during the first calls."""
+
+    def __init__(self, bedrock, db: str, inserts: int) -> None:
+        self.bedrock, self.db, self.inserts, self.added = bedrock, db, inserts, 0
+        self.label = bedrock.label
+
+    def embed_many(self, texts, count_tokens=None):
+        if self.inserts:
+            self.inserts -= 1
+            with connect(self.db) as conn:  # a separate connection, committed at once
+                self.added += conn.execute(
+                    "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
+                    "chunk_index, turn_start, turn_end, roles, content, content_hash, "
+                    "token_count) SELECT md5(chunk_id || %s), user_id, conversation_id, tier, "
+                    "chunk_index, turn_start, turn_end, roles, content || ' (edited)', "
+                    "content_hash, token_count FROM conversation_chunks ORDER BY random() "
+                    "LIMIT 25",
+                    [str(self.inserts)],
+                ).rowcount
+        return self.bedrock.embed_many(texts, count_tokens)
+
+
+def test_titan_backfill_picks_up_rows_inserted_while_it_runs(backlog, db):
+    before = len(null_ids(db))
+    writer = InsertingWhileEmbedding(backlog["bedrock"], db, inserts=4)
+    with connect(db, autocommit=True) as conn:
+        stats = embed_pending(conn, writer, batch_size=32, progress=lambda _: None)
+    assert writer.added == 100
+    assert stats.embedded == before + writer.added and stats.failed == 0
+    assert not null_ids(db)
+
+
+def test_lancedb_fill_picks_up_rows_inserted_while_it_runs(backlog, lance_uri, fastembed):
+    dg.materialize([fastembed_vectors], resources=backlog)  # creates and fills the column
+    store = LanceDBResource(uri=lance_uri)
+    with store.get_connection() as db:
+        chunks = store.chunks_table(db)
+        chunks.update(values_sql={FASTEMBED_COLUMN: "NULL"})  # a backlog of every row
+        before = chunks.count_rows()
+        template = chunks.search().limit(50).to_arrow().drop_columns([FASTEMBED_COLUMN])
+        added = []
+
+        def embed(texts, lengths):
+            if len(added) < 3:  # another writer adds 50 new chunks during each early batch
+                ids = [f"{len(added)}{i[1:]}" for i in template["chunk_id"].to_pylist()]
+                new = template.set_column(0, "chunk_id", [[f"e{x[1:]}"[:32] for x in ids]])
+                new = new.set_column(
+                    0, "chunk_id", [[f"{len(added):x}{i:031x}" for i in range(50)]]
+                )
+                chunks.add(new)
+                added.append(new.num_rows)
+            return fastembed.embed_documents(texts, lengths)
+
+        result = fill_nulls(
+            chunks, FASTEMBED_COLUMN, embed, write_rows=100, progress=lambda _: None
+        )
+        assert result.embedded == before + sum(added) == chunks.count_rows()
+        assert result.remaining == 0 == count_nulls(chunks, FASTEMBED_COLUMN)
+
+
+KILLED_TITAN_RUN = textwrap.dedent(
+    """
+    import sys
+    from retrieval_assets.lib.bedrock import BedrockResource
+    from retrieval_assets.lib.postgres import connect
+    from retrieval_assets.lib.titan import embed_pending, ensure_titan_model
+
+    bedrock = BedrockResource(use_local_endpoint=True, data_dir=sys.argv[2], local_latency_ms=40,
+                              max_concurrency=4)
+    with connect(sys.argv[1], autocommit=True) as conn:
+        ensure_titan_model(conn, bedrock.label, bedrock.dimensions)
+        embed_pending(conn, bedrock, batch_size=16, progress=lambda m: print(m, flush=True))
+    """
+)
+
+
+def test_a_backfill_killed_mid_batch_then_rerun_embeds_every_row_once(
+    backlog, db, model_dir, make_bedrock
+):
+    total = len(null_ids(db))
+    worker = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TITAN_RUN, db, model_dir],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in worker.stdout:
+        if line.startswith("titan batch 3:"):  # three batches committed, the fourth in flight
+            worker.send_signal(signal.SIGKILL)
+            break
+    worker.wait(timeout=60)
+    assert worker.returncode == -signal.SIGKILL
+    left = len(null_ids(db))
+    assert 0 < left < total - 16 * 3 + 1
+    bedrock = make_bedrock()
+    result = dg.materialize(
+        [titan_embeddings], resources={**backlog, "bedrock": bedrock}, selection=[titan_embeddings]
+    )
+    [event] = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    assert metadata["rows_embedded"] == left and metadata["nulls_remaining"] == 0
+    assert metadata["local_endpoint_ok"] == left  # no row done before the kill was redone
+    with connect(db) as conn:
+        assert conn.execute(
+            "SELECT count(*), count(embedding) FROM conversation_chunks"
+        ).fetchone() == (total, total)
