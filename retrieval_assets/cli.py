@@ -121,7 +121,7 @@ def cmd_status(_: argparse.Namespace) -> int:
     )
     lancedb = resources["lancedb"]
     with lancedb.get_connection() as db:
-        print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.uri}")
+        print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.location}")
     return 0
 
 
@@ -213,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="materialize the whole graph").set_defaults(fn=cmd_run)
     sub.add_parser("status", help="store counts and NULL backlog").set_defaults(fn=cmd_status)
-    ui = sub.add_parser("ui", help="the Dagster web UI and daemon (dagster dev)")
-    ui.add_argument("dagster_args", nargs=argparse.REMAINDER, help="passed to dagster dev")
-    ui.set_defaults(fn=cmd_ui)
+    sub.add_parser(
+        "ui",
+        help="the Dagster web UI and daemon (dagster dev; its options pass through)",
+        add_help=False,  # -h is dagster dev's --host
+    ).set_defaults(fn=cmd_ui)
     find = sub.add_parser("search", help="two-stage search: coarse top-100, then rerank")
     find.add_argument("query")
     find.add_argument("-k", type=int, default=5, help="results to show (default 5)")
@@ -235,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")
     dims.set_defaults(fn=cmd_titan_dims)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.fn is not cmd_ui:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.dagster_args = extra
     try:
         return args.fn(args)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:

@@ -8,9 +8,11 @@ makes LanceDB agree by chunk id, so a crashed or partial write heals on the next
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dagster as dg
 from pydantic import Field
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     import lancedb
     import pyarrow as pa
 
+T = TypeVar("T")
 CHUNKS_TABLE = "conversation_chunks"
 # Chunk ids are our own hex digests; anything else must never reach a filter string.
 _CHUNK_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -55,8 +58,13 @@ class LanceDBResource(dg.ConfigurableResource):
     """LanceDB: chunks with FastEmbed (coarse) and sentence-transformers (fine) vectors."""
 
     uri: str = Field(
-        default=str(DEFAULT_DATA_DIR / "lancedb"),
-        description="LanceDB URI: a local directory, or object storage such as s3://bucket/path.",
+        default="",
+        description="LanceDB URI: a local directory, or object storage such as s3://bucket/path. "
+        "Empty: data_dir/lancedb.",
+    )
+    data_dir: str = Field(
+        default=str(DEFAULT_DATA_DIR),
+        description="The project's data directory (used without uri).",
     )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
@@ -67,7 +75,12 @@ class LanceDBResource(dg.ConfigurableResource):
     def get_connection(self) -> Iterator[lancedb.DBConnection]:
         import lancedb
 
-        yield lancedb.connect(self.uri, storage_options=self.storage_options or None)
+        yield lancedb.connect(self.location, storage_options=self.storage_options or None)
+
+    @property
+    def location(self) -> str:
+        """The URI in use: `uri`, or data_dir/lancedb."""
+        return self.uri or str(Path(self.data_dir) / "lancedb")
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
         """The chunk table, created empty on first use (later it also holds vector columns)."""
@@ -123,3 +136,23 @@ def delete_ids(table: Any, ids: Iterable[str]) -> int:
     for i in range(0, len(pending), _DELETE_BATCH):
         table.delete(f"chunk_id IN ({quote_ids(pending[i : i + _DELETE_BATCH])})")
     return len(pending)
+
+
+def on_commit_conflict(
+    open_table: Callable[[], Any], change: Callable[[Any], T], attempts: int = 8
+) -> tuple[T, Any]:
+    """Apply `change` to a freshly opened table, again if another writer committed first.
+
+    Lance commits optimistically: a schema change that loses the race fails with a retryable
+    commit conflict; the table is re-opened at its latest version and `change` decides again.
+    Returns the change's result and the table it was applied to.
+    """
+    for attempt in range(attempts):
+        table = open_table()
+        try:
+            return change(table), table
+        except (RuntimeError, OSError) as exc:
+            if "commit conflict" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")

@@ -140,7 +140,7 @@ def test_titan_sensor_launches_one_run_per_backlog_however_often_it_ticks(backlo
         runs = requests(first)
         assert {r.partition_key for r in runs} == {i[0] for i in null_ids(db)}
         # The same backlog: the next tick launches nothing, and says why.
-        again, cursor_again = tick(titan_backlog_sensor, instance, backlog, cursor)
+        again, _ = tick(titan_backlog_sensor, instance, backlog, cursor)
         assert isinstance(again, dg.SkipReason) and "unchanged" in again.skip_message
         # A lost cursor derives the same run keys, which Dagster launches once.
         fresh, _ = tick(titan_backlog_sensor, instance, backlog)

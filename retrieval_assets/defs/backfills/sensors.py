@@ -111,8 +111,8 @@ def backlog_sensor(
         )
         if not todo:
             return dg.SkipReason(
-                f"{column}: {backlog.rows} NULL rows, unchanged since the backfill runs launched "
-                "for them finished; see those runs' logs (the null_backlog check warns)"
+                f"{column}: {backlog.rows} NULL rows, unchanged since backfill runs were launched "
+                "for them; see those runs' logs (the null_backlog check warns)"
             )
         return dg.SensorResult(
             run_requests=[

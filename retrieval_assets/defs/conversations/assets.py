@@ -242,6 +242,6 @@ def conversation_chunks(
             "dagster/row_count": mirrored.rows,
             "rows_inserted": mirrored.inserted,
             "rows_deleted": mirrored.deleted,
-            "uri": lancedb.uri,
+            "uri": lancedb.location,
         },
     )

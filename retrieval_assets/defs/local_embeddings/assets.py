@@ -10,7 +10,7 @@ import dagster as dg
 
 from retrieval_assets.defs.conversations.assets import LANCEDB_CHUNKS
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.lancedb_store import LanceDBResource, on_commit_conflict
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.shards import lancedb_filter
 from retrieval_assets.lib.vectors import (
@@ -47,8 +47,13 @@ def fill_column(
     with postgres.get_connection() as conn, lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
         if shard is None:
-            action = ensure_vector_column(
-                table, conn, column, embedder.label, lambda: embedder.dims
+            # Two columns can change schema at once (both assets run in parallel): a commit
+            # conflict re-opens the table and decides again on its latest version.
+            action, table = on_commit_conflict(
+                lambda: lancedb.chunks_table(db),
+                lambda t: ensure_vector_column(
+                    t, conn, column, embedder.label, lambda: embedder.dims
+                ),
             )
             if action != "unchanged":
                 log.info(f"{column}: column {action} for {embedder.label}")

@@ -1,0 +1,225 @@
+"""The product as its users drive it: `retrieval-assets ui` (dagster dev) in headless Chromium.
+
+Starts the web UI and daemon on a free loopback port over fresh stores, materializes the whole
+graph with the UI's own button, reads metadata on asset pages, turns a backlog sensor on and
+watches it launch a backfill, and drives the same server through dagster-graphql's client.
+Screenshots land in test-artifacts/ui/. Chromium is Debian's (/usr/bin/chromium, installed by
+./dev test); Playwright only drives it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from retrieval_assets.lib.paths import PROJECT_ROOT
+
+ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "ui"
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # this machine refuses outside connections
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Server:
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.data_dir = root / "data"
+        self.log = root / "ui.log"
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(root / "home"),
+            "RETRIEVAL_DATA_DIR": str(self.data_dir),
+        }
+        env.pop("DAGSTER_POSTGRES_URL", None)
+        cli = Path(sys.executable).with_name("retrieval-assets")
+        self.process = subprocess.Popen(
+            [str(cli), "ui", "-h", "127.0.0.1", "-p", str(self.port)],
+            env=env,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its run workers too, so teardown stops them all
+        )
+        wait_for(self.up, 180, f"the web UI on {self.base} (log: {self.log})")
+
+    def up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"dagster dev exited: {self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.base + "/server_info", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout=wait)
+                return
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("ui"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail(
+            "Debian's chromium is missing: `./dev test` installs it (apt-get install chromium)"
+        )
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_page(page, server: Server, path: str) -> None:
+    page.goto(server.base + path)
+    skip = page.get_by_role("button", name="Skip")  # the first-visit newsletter dialog
+    try:
+        skip.wait_for(timeout=5_000)
+        skip.click()
+    except Exception:
+        pass
+
+
+STATUS = re.compile(r"\b(Success|Failure|Started|Starting|Queued|Canceled|Canceling)\b")
+
+
+def run_status(page, server: Server, short_id: str) -> str | None:
+    """The status the runs page shows for run `short_id` (its first 8 characters)."""
+    page.goto(server.base + "/runs")
+    page.get_by_text("Launched by").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    text = page.locator("body").inner_text()
+    if short_id not in text:
+        return None
+    found = STATUS.search(text, text.index(short_id))
+    return found.group(1) if found else None
+
+
+def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
+    open_page(page, server, "/asset-groups")
+    page.get_by_text("local_embeddings").first.wait_for()
+    shot(page, "01-asset-graph")
+    page.get_by_role("button", name="Materialize all").click()
+    toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}")).first
+    toast.wait_for()
+    short_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
+    status = wait_for(
+        lambda: (s := run_status(page, server, short_id)) in ("Success", "Failure") and s,
+        600,
+        f"run {short_id} (Materialize all) to finish",
+        every=5,
+    )
+    shot(page, "02-runs-after-materialize-all")
+    assert status == "Success", server.log.read_text()[-3000:]
+
+    open_page(page, server, "/assets/lancedb/fastembed_vectors")
+    body = page.locator("body")
+    page.get_by_text("rows_embedded").first.wait_for()
+    assert "fastembed:sentence-transformers/all-MiniLM-L6-v2" in body.inner_text()
+    shot(page, "03-fastembed-vectors-asset")
+    open_page(page, server, "/assets/postgres/titan_embeddings")
+    page.get_by_text("vector_source").first.wait_for()
+    assert "local Bedrock endpoint" in body.inner_text()
+    shot(page, "04-titan-asset")
+    open_page(page, server, "/assets/postgres/conversation_chunks")
+    page.get_by_text("token_length_distribution").first.wait_for()
+    shot(page, "05-chunks-asset")
+
+    # A backlog appears (the model's vectors are cleared), then the sensor is turned on.
+    import lancedb
+
+    table = lancedb.connect(str(server.data_dir / "lancedb")).open_table("conversation_chunks")
+    table.update(values_sql={"vector_fastembed": "NULL"})
+    open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
+    switch = page.locator("input[type=checkbox]").first  # the "Running" toggle
+    switch.evaluate("element => element.click()")  # the input itself is drawn off-screen
+    page.wait_for_function("() => document.querySelector('input[type=checkbox]').checked")
+    shot(page, "06-sensor-turned-on")
+
+    def sensor_run_listed() -> bool:
+        page.goto(server.base + "/runs")
+        page.get_by_text("Launched by").first.wait_for()
+        page.wait_for_load_state("networkidle")
+        return "fastembed_backlog_sensor" in page.locator("body").inner_text()
+
+    wait_for(sensor_run_listed, 240, "a run launched by fastembed_backlog_sensor", every=5)
+    assert "fastembed_backfill" in page.locator("body").inner_text()
+    shot(page, "07-sensor-launched-runs")
+    open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
+    shot(page, "08-sensor-ticks")
+
+
+def test_graphql_client_launches_a_run_and_reads_its_status(server):
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=server.port)
+    run_id = client.submit_job_execution("ingestion_job")
+    status = wait_for(
+        lambda: (s := client.get_run_status(run_id).value) in ("SUCCESS", "FAILURE") and s,
+        300,
+        f"run {run_id} of ingestion_job",
+        every=2,
+    )
+    assert status == "SUCCESS"
+    with pytest.raises(DagsterGraphQLClientError):
+        client.submit_job_execution("no_such_job")
