@@ -153,3 +153,23 @@ def make_bedrock(model_dir):
     yield build
     for resource in made:
         resource.teardown_after_execution(None)
+
+
+def write_jsonl_source(directory: Path, conversations: range) -> Path:
+    """A JSONL export of real text: conversation i is two turns by user-(i % 20)."""
+    import json
+
+    sentences = real_sentences(1_200)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "messages.jsonl").open("w") as out:
+        for i in conversations:
+            for turn, role in enumerate(("user", "assistant")):
+                record = {
+                    "conversation_id": f"conv-{i:05d}",
+                    "user_id": f"user-{i % 20}",
+                    "role": role,
+                    "content": sentences[(2 * i + turn) % len(sentences)],
+                    "created_at": 1_700_000_000 + i,
+                }
+                out.write(json.dumps(record) + "\n")
+    return directory

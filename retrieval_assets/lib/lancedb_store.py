@@ -66,6 +66,11 @@ class LanceDBResource(dg.ConfigurableResource):
         default=str(DEFAULT_DATA_DIR),
         description="The project's data directory (used without uri).",
     )
+    write_batch_rows: int = Field(
+        default=4_096,
+        description="Rows embedded and committed per merge when filling a vector column: a crash "
+        "loses at most this many rows of work; smaller means more table versions.",
+    )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         description="Object-store options passed to lancedb.connect (region, endpoint, keys).",
@@ -156,3 +161,37 @@ def on_commit_conflict(
                 raise
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+class LanceDBNotWritable(RuntimeError):
+    """The LanceDB location refused a write (read-only disk, permissions, full disk)."""
+
+
+_UNWRITABLE = (
+    "read-only file system",
+    "os error 30",
+    "permission denied",
+    "os error 13",
+    "no space left",
+    "os error 28",
+)
+
+
+@contextmanager
+def explain_write_errors(location: str) -> Iterator[None]:
+    """Turn the store's low-level refusal to write into one error that names the location.
+
+    Lance commits a batch atomically (a new manifest is written last), so a refused write leaves
+    the table at its previous version: the batch in flight is simply not there.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).lower()
+        if not any(marker in reason for marker in _UNWRITABLE):
+            raise
+        raise LanceDBNotWritable(
+            f"LanceDB at {location} refused a write ({str(exc).splitlines()[0][:300]}); the batch "
+            "in flight was not committed and the table stays at its last version. Make the "
+            "location writable and re-run: the rows still NULL are picked up."
+        ) from exc

@@ -312,6 +312,25 @@ class _Meta:
     updated_at: datetime | None = None
 
 
+# Speaker names the exports use; anything else is kept (a tool's name, a custom persona) but
+# counted, so a mis-mapped export shows up in the run's problems.
+KNOWN_ROLES = frozenset(
+    {
+        "user",
+        "assistant",
+        "system",
+        "tool",
+        "function",
+        "developer",
+        "human",
+        "gpt",
+        "model",
+        "bot",
+        "chatgpt",
+        "claude",
+    }
+)
+MAX_ROLE_CHARS = 64
 RawTurn = tuple[Any, Any, Any]  # role, content, created_at as found in the record
 
 
@@ -458,7 +477,17 @@ def _build(
         if not cleaned.strip():
             report.add(Problem("warning", name, where, "empty message skipped"))
             continue
-        turns.append(Turn(_clean(role).strip(), cleaned, parse_timestamp(created)))
+        speaker = _clean(role).strip()
+        if speaker.lower() not in KNOWN_ROLES:
+            report.add(
+                Problem(
+                    "warning",
+                    name,
+                    where,
+                    f"unknown role {speaker[:40]!r} kept as the speaker's name",
+                )
+            )
+        turns.append(Turn(speaker[:MAX_ROLE_CHARS], cleaned, parse_timestamp(created)))
     if not turns:
         raise BadRecord(f"conversation {conv_id!r} has no non-empty messages")
     if len(turns) > limits.max_turns:

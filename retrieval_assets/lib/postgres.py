@@ -58,6 +58,12 @@ class PostgresResource(dg.ConfigurableResource):
         description="Directory of the embedded server's data (used only without database_url).",
     )
 
+    write_batch_rows: int = Field(
+        default=1_024,
+        description="Titan vectors embedded and committed per batch (COPY + one UPDATE): a crash "
+        "loses at most this many rows of work.",
+    )
+
     _url: str | None = PrivateAttr(default=None)
 
     @property

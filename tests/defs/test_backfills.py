@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -25,26 +23,7 @@ from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.titan import embed_pending
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, count_nulls, fill_nulls
-from tests.conftest import real_sentences
-
-SENTENCES = real_sentences(1_200)
-
-
-def write_source(directory: Path, conversations: range) -> Path:
-    """A JSONL export of real text: conversation i is two turns by user-(i % 20)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / "messages.jsonl").open("w") as out:
-        for i in conversations:
-            for turn, role in enumerate(("user", "assistant")):
-                record = {
-                    "conversation_id": f"conv-{i:05d}",
-                    "user_id": f"user-{i % 20}",
-                    "role": role,
-                    "content": SENTENCES[(2 * i + turn) % len(SENTENCES)],
-                    "created_at": 1_700_000_000 + i,
-                }
-                out.write(json.dumps(record) + "\n")
-    return directory
+from tests.conftest import write_jsonl_source as write_source
 
 
 def ingest(resources: dict) -> None:

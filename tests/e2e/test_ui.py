@@ -191,9 +191,20 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     table = lancedb.connect(str(server.data_dir / "lancedb")).open_table("conversation_chunks")
     table.update(values_sql={"vector_fastembed": "NULL"})
     open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
-    switch = page.locator("input[type=checkbox]").first  # the "Running" toggle
-    switch.evaluate("element => element.click()")  # the input itself is drawn off-screen
-    page.wait_for_function("() => document.querySelector('input[type=checkbox]').checked")
+    page.get_by_text("Running").first.wait_for()
+    sensor_page = "/locations/retrieval_assets/sensors/fastembed_backlog_sensor"
+
+    def sensor_running() -> bool:
+        """Turn the "Running" toggle on; true once a fresh load of the page shows it on."""
+        switch = page.locator("input[type=checkbox]").first
+        if not switch.is_checked():
+            switch.evaluate("element => element.click()")  # the input is drawn off-screen
+            page.wait_for_timeout(3_000)
+        page.goto(server.base + sensor_page)
+        page.get_by_text("Running").first.wait_for()
+        return page.locator("input[type=checkbox]").first.is_checked()
+
+    wait_for(sensor_running, 60, "the sensor to be turned on", every=1)
     shot(page, "06-sensor-turned-on")
 
     def sensor_run_listed() -> bool:

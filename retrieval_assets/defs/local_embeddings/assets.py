@@ -10,7 +10,11 @@ import dagster as dg
 
 from retrieval_assets.defs.conversations.assets import LANCEDB_CHUNKS
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import LanceDBResource, on_commit_conflict
+from retrieval_assets.lib.lancedb_store import (
+    LanceDBResource,
+    explain_write_errors,
+    on_commit_conflict,
+)
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.shards import lancedb_filter
 from retrieval_assets.lib.vectors import (
@@ -44,7 +48,11 @@ def fill_column(
     Only a whole-column run (the asset) creates or migrates the column: shard runs proceed in
     parallel and must all write the same vector space, so they refuse a column not yet migrated.
     """
-    with postgres.get_connection() as conn, lancedb.get_connection() as db:
+    with (
+        postgres.get_connection() as conn,
+        lancedb.get_connection() as db,
+        explain_write_errors(lancedb.location),
+    ):
         table = lancedb.chunks_table(db)
         if shard is None:
             # Two columns can change schema at once (both assets run in parallel): a commit
@@ -71,7 +79,12 @@ def fill_column(
                 )
         dims = column_dims(table, column)
         result = fill_nulls(
-            table, column, embedder.embed_documents, where=lancedb_filter(shard), progress=log.info
+            table,
+            column,
+            embedder.embed_documents,
+            where=lancedb_filter(shard),
+            write_rows=lancedb.write_batch_rows,
+            progress=log.info,
         )
     log.info(
         f"{column}: embedded {result.embedded} rows in {result.seconds:.1f}s, "

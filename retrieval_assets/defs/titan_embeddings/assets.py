@@ -60,6 +60,7 @@ def embed_titan(
             stats = embed_pending(
                 conn,
                 bedrock,
+                batch_size=postgres.write_batch_rows,
                 count_tokens=chunker.chunker.count_tokens,
                 quarantine_after=QUARANTINE_AFTER,
                 progress=log.info,

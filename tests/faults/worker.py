@@ -1,0 +1,37 @@
+"""A run worker the fault suite can kill, starve of disk or race: fills one LanceDB column.
+
+    python -m tests.faults.worker <database_url> <lancedb_uri> <models_dir> <rows_per_batch>
+
+Prints one line per committed batch (flushed), so the suite knows when to strike.
+"""
+
+import sys
+
+from retrieval_assets.defs.local_embeddings.assets import fill_column
+from retrieval_assets.lib.embedders import FastEmbedResource
+from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.vectors import FASTEMBED_COLUMN
+
+
+class PrintLog:
+    def info(self, message: str) -> None:
+        print(message, flush=True)
+
+    warning = info
+
+
+def main() -> None:
+    database_url, lance_uri, models, batch_rows = sys.argv[1:5]
+    metadata = fill_column(
+        PrintLog(),
+        PostgresResource(database_url=database_url),
+        LanceDBResource(uri=lance_uri, write_batch_rows=int(batch_rows)),
+        FastEmbedResource(data_dir=models, batch_size=8),
+        FASTEMBED_COLUMN,
+    )
+    print(f"done {metadata['rows_embedded']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Security: Supabase row-level security, hostile values stored as data, secrets never shown."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import psycopg
+import pytest
+
+from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.defs.local_embeddings.assets import fastembed_vectors
+from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
+from retrieval_assets.lib.bedrock_emulator import LocalBedrock
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
+from retrieval_assets.lib.postgres import connect
+from retrieval_assets.lib.schema import ensure_schema
+
+SUPABASE_LIKE = """
+DO $$ BEGIN
+  IF to_regrole('anon') IS NULL THEN CREATE ROLE anon NOLOGIN; END IF;
+  IF to_regrole('authenticated') IS NULL THEN CREATE ROLE authenticated NOLOGIN; END IF;
+END $$;
+CREATE SCHEMA auth;
+-- As Supabase defines it: the user id from the request's JWT claims.
+CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS
+  $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$;
+GRANT USAGE ON SCHEMA auth, public TO anon, authenticated;
+GRANT EXECUTE ON FUNCTION auth.uid() TO anon, authenticated;
+-- Supabase grants every new public table to the API roles; RLS is what protects them.
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT ALL ON TABLES TO anon, authenticated;
+"""
+
+
+@pytest.fixture
+def supabase_like(pg_url: str) -> str:
+    """A database shaped like Supabase (API roles, auth.uid()), migrated to head."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS supabase_like WITH (FORCE)")
+        conn.execute("CREATE DATABASE supabase_like")
+    url = "postgresql://postgres:@/supabase_like?" + pg_url.split("?", 1)[1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(SUPABASE_LIKE)
+    ensure_schema(url, upgrade=True)
+    return url
+
+
+def test_supabase_users_read_only_their_own_rows_even_through_match(supabase_like):
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    dims = 1024
+    rng = np.random.default_rng(0)
+    with connect(supabase_like) as conn:  # the pipeline's role: the owner, not subject to RLS
+        for user in (alice, bob):
+            conn.execute(
+                "INSERT INTO conversations (id, user_id, source, source_format, origin, turns, "
+                "turn_count, content_hash) VALUES (%s, %s, 's', 'jsonl', 'o', '[]', 0, 'h')",
+                [f"conv-{user}", user],
+            )
+            for i in range(5):
+                vector = rng.normal(size=dims).astype(np.float32)
+                conn.execute(
+                    "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
+                    "chunk_index, turn_start, turn_end, roles, content, content_hash, "
+                    "token_count, embedding, embedding_model) VALUES (%s, %s, %s, 'medium', %s, "
+                    "0, 0, '{user}', 'text', 'h', 1, %s, 'm')",
+                    [
+                        f"{user[:8]}{i:024x}",
+                        user,
+                        f"conv-{user}",
+                        i,
+                        vector / np.linalg.norm(vector),
+                    ],
+                )
+        assert conn.execute("SELECT count(*) FROM conversation_chunks").fetchone()[0] == 10
+    query = rng.normal(size=dims).astype(np.float32)
+    with connect(supabase_like, autocommit=True) as conn:
+        conn.execute("SET ROLE authenticated")
+        conn.execute("SELECT set_config('request.jwt.claim.sub', %s, false)", [alice])
+        users = conn.execute("SELECT DISTINCT user_id FROM conversation_chunks").fetchall()
+        assert users == [(alice,)]
+        matched = conn.execute(
+            "SELECT user_id FROM match_conversation_chunks(%s, -1, 100, NULL)", [query]
+        ).fetchall()
+        assert len(matched) == 5 and {u for (u,) in matched} == {alice}
+        asked_for_bob = conn.execute(
+            "SELECT count(*) FROM match_conversation_chunks(%s, -1, 100, %s)", [query, bob]
+        ).fetchone()[0]
+        assert asked_for_bob == 0
+        for statement in (
+            "DELETE FROM conversation_chunks",
+            "UPDATE conversation_chunks SET content = 'x'",
+            "SELECT count(*) FROM embedding_failures",
+            "SELECT count(*) FROM embedding_schema_versions",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    with connect(supabase_like, autocommit=True) as conn:
+        conn.execute("SET ROLE anon")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM conversation_chunks")
+
+
+def test_plain_postgres_is_left_without_policies(db):
+    with connect(db) as conn:
+        assert not conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE relname = 'conversation_chunks'"
+        ).fetchone()[0]
+
+
+HOSTILE = [
+    "'; DROP TABLE conversation_chunks; --",
+    "x' OR '1'='1",
+    'quote " and backslash \\ and $$dollar$$',
+    "percent %s %(name)s {brace}",
+]
+
+
+def test_hostile_ids_users_and_text_are_stored_as_data(
+    tmp_path, make_graph_resources, make_bedrock, db, lance_uri
+):
+    source = tmp_path / "hostile.jsonl"
+    with source.open("w") as out:
+        for i, value in enumerate(HOSTILE):
+            for role in ("user", "assistant"):
+                out.write(
+                    json.dumps(
+                        {
+                            "conversation_id": value,
+                            "user_id": value,
+                            "role": role,
+                            "content": f"{value} — message {i} from the {role}",
+                        }
+                    )
+                    + "\n"
+                )
+    resources = {**make_graph_resources(source), "bedrock": make_bedrock()}
+    dg.materialize(
+        [conversations, conversation_chunks, fastembed_vectors, titan_embeddings],
+        resources=resources,
+    )
+    with connect(db) as conn:
+        stored = conn.execute("SELECT id, user_id FROM conversations ORDER BY id").fetchall()
+        assert sorted(stored) == sorted((v, v) for v in HOSTILE)
+        chunks = conn.execute(
+            "SELECT user_id, content, embedding IS NOT NULL FROM conversation_chunks"
+        ).fetchall()
+    assert {u for u, _, _ in chunks} == set(HOSTILE) and all(e for _, _, e in chunks)
+    assert all(u in c for u, c, _ in chunks)  # the text came through intact
+    import lancedb
+
+    table = lancedb.connect(lance_uri).open_table(CHUNKS_TABLE)
+    assert set(table.to_arrow().column("user_id").to_pylist()) == set(HOSTILE)
+    assert table.count_rows("vector_fastembed IS NULL") == 0
+
+
+PLANTED = {
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTEDKEY000000",
+    "AWS_SECRET_ACCESS_KEY": "planted-secret-e1b2c3d4f5a6b7c8",
+    "AWS_SESSION_TOKEN": "planted-session-token-9f8e7d6c5b4a",
+}
+
+
+def test_secrets_never_reach_logs_metadata_or_the_instance(tmp_path, pg_url, model_dir):
+    from retrieval_assets.lib.bedrock_emulator import TitanVectors
+    from retrieval_assets.lib.embedders import FastEmbedResource
+    from retrieval_assets.lib.models import load_tokenizer
+
+    model = FastEmbedResource(data_dir=model_dir)
+    tokenizer = load_tokenizer(model.model)
+    vectors = TitanVectors(
+        model.embed_documents, lambda t: len(tokenizer.encode(t, add_special_tokens=False).ids)
+    )
+    password = "planted-db-password-77aa"
+    database_url = pg_url.replace("postgres:@", f"postgres:{password}@")  # trust auth: accepted
+    home = tmp_path / "home"
+    with LocalBedrock(vectors) as endpoint:
+        env = {
+            **os.environ,
+            **PLANTED,
+            "BEDROCK_ENDPOINT_URL": endpoint.url,  # "real Bedrock" through a VPC-style endpoint
+            "DATABASE_URL": database_url,
+            "RETRIEVAL_DATA_DIR": str(tmp_path / "data"),
+            "DAGSTER_HOME": str(home),
+        }
+        run = subprocess.run(
+            [str(Path(sys.executable).with_name("retrieval-assets")), "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    secrets = [*PLANTED.values(), password]
+    seen = [run.stdout, run.stderr]
+    instance = dg.DagsterInstance.from_config(str(home))
+    records = instance.get_runs()
+    assert records
+    for record in records:
+        seen.append(json.dumps(record.run_config, default=str))
+        seen.append(json.dumps(record.tags))
+        for entry in instance.all_logs(record.run_id):
+            seen.append(entry.message or "")
+            event = entry.dagster_event
+            if event is not None and event.is_step_materialization:
+                seen.extend(
+                    str(v.value)
+                    for v in event.step_materialization_data.materialization.metadata.values()
+                )
+    seen.extend(
+        p.read_text(errors="replace")
+        for p in home.rglob("*")
+        if p.is_file() and p.suffix in (".out", ".err", ".complete", ".log", ".yaml")
+    )
+    # The scan saw the runs' metadata: the Titan vectors came from "Amazon Bedrock" (the endpoint
+    # stood in for it under the planted credentials).
+    assert any(t == "Amazon Bedrock" for t in seen) and any("titan batch" in t for t in seen)
+    for text in seen:
+        for secret in secrets:
+            assert secret not in text, (
+                f"a planted secret leaked: ...{text[text.index(secret) - 200 :][:400]}"
+            )
