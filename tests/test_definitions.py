@@ -15,6 +15,7 @@ EXPECTED_ASSETS = {
     "lancedb/sentence_transformer_vectors",
     "lancedb/coarse_index",
     "postgres/titan_embeddings",
+    "lancedb/chunk_table_maintenance",
 }
 EXPECTED_RESOURCES = {
     "postgres",
@@ -63,3 +64,28 @@ def test_workspace_yaml_loads_through_dagster_cli():
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_automation_inventory():
+    loaded = defs()
+    sensors = {s.name for s in loaded.sensors}
+    assert sensors == {
+        "fastembed_backlog_sensor",
+        "sentence_transformer_backlog_sensor",
+        "titan_backlog_sensor",
+        "automation_sensor",
+    }
+    assert all(s.minimum_interval_seconds for s in loaded.sensors if "backlog" in s.name)
+    assert {s.name for s in loaded.schedules} == {
+        "ingestion_schedule",
+        "nightly_consistency_schedule",
+    }
+    for name in ("fastembed_backfill", "sentence_transformer_backfill", "titan_backfill"):
+        job = loaded.resolve_job_def(name)
+        assert len(job.partitions_def.get_partition_keys()) == 16
+    checks = loaded.resolve_job_def("consistency_check_job")
+    assert checks is not None
+    graph = loaded.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        if key.to_user_string() != "postgres/conversations":  # ingestion runs on its schedule
+            assert graph.get(key).automation_condition is not None, key

@@ -58,7 +58,11 @@ DATA_DIR = _env("RETRIEVAL_DATA_DIR", str(DEFAULT_DATA_DIR))
 defs = dg.Definitions(
     resources={
         "postgres": PostgresResource(database_url=_env("DATABASE_URL", ""), data_dir=DATA_DIR),
-        "lancedb": LanceDBResource(uri=_env("LANCEDB_URI", ""), data_dir=DATA_DIR),
+        "lancedb": LanceDBResource(
+            uri=_env("LANCEDB_URI", ""),
+            data_dir=DATA_DIR,
+            keep_versions_minutes=_env_int("LANCEDB_KEEP_VERSIONS_MINUTES", 60),
+        ),
         "conversation_source": ConversationSourceResource(
             path=_env("CONVERSATIONS_SOURCE", str(SAMPLE_DATA_DIR)),
             default_user_id=_env("DEFAULT_USER_ID", "local-user"),

@@ -71,6 +71,11 @@ class LanceDBResource(dg.ConfigurableResource):
         description="Rows embedded and committed per merge when filling a vector column: a crash "
         "loses at most this many rows of work; smaller means more table versions.",
     )
+    keep_versions_minutes: int = Field(
+        default=60,
+        description="Table versions older than this are removed by the maintenance step (after "
+        "compaction); readers pinned to an older version within it keep working.",
+    )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
         description="Object-store options passed to lancedb.connect (region, endpoint, keys).",
@@ -195,3 +200,34 @@ def explain_write_errors(location: str) -> Iterator[None]:
             "in flight was not committed and the table stays at its last version. Make the "
             "location writable and re-run: the rows still NULL are picked up."
         ) from exc
+
+
+def table_health(table: Any) -> dict[str, int]:
+    """Versions kept and the shape of the data files (what compaction and cleanup change)."""
+    stats = table.stats()
+    return {
+        "versions": len(table.list_versions()),
+        "fragments": int(stats["fragment_stats"]["num_fragments"]),
+        "small_fragments": int(stats["fragment_stats"]["num_small_fragments"]),
+        "bytes": int(stats["total_bytes"]),
+    }
+
+
+def maintain(table: Any, keep_versions_minutes: int) -> dict[str, int | float]:
+    """Compact small files, fold new rows into the indices, and remove old versions.
+
+    Each incremental batch is a commit (a version and a small file); without this, versions and
+    files pile up and scans slow down. Versions younger than `keep_versions_minutes` survive,
+    and files of commits still in flight are never touched (delete_unverified=False).
+    """
+    from datetime import timedelta
+
+    started = time.monotonic()
+    before = table_health(table)
+    table.optimize(cleanup_older_than=timedelta(minutes=keep_versions_minutes))
+    after = table_health(table)
+    return {
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
+        "seconds": round(time.monotonic() - started, 2),
+    }

@@ -88,10 +88,10 @@ def pending_after(
     limit: int,
     skip: Sequence[str] = (),
     shard: str | None = None,
-) -> list[tuple[str, str]]:
-    """The next `limit` (chunk_id, content) without a vector, by chunk_id after `after`."""
+) -> list[tuple[str, str, int]]:
+    """The next `limit` (chunk_id, content, token_count) without a vector, by chunk_id."""
     return conn.execute(
-        f"SELECT c.chunk_id, c.content {PENDING_ROWS} AND c.chunk_id > %s "
+        f"SELECT c.chunk_id, c.content, c.token_count {PENDING_ROWS} AND c.chunk_id > %s "
         "AND c.chunk_id LIKE %s AND c.chunk_id <> ALL(%s) ORDER BY c.chunk_id LIMIT %s",
         [after, like_pattern(shard), list(skip), limit],
     ).fetchall()
@@ -186,6 +186,7 @@ def replay_quarantine(conn: psycopg.Connection) -> int:
 @dataclass
 class TitanRunStats:
     embedded: int = 0
+    tokens: int = 0  # in the chunker's tokenizer, of the rows embedded
     failed: int = 0
     newly_quarantined: int = 0
     truncated: int = 0
@@ -241,15 +242,15 @@ def embed_pending(
         after, progressed = "", False
         while batch := pending_after(conn, after, batch_size, failed_this_run, shard):
             after = batch[-1][0]
-            results = bedrock.embed_many([content for _, content in batch], count_tokens)
+            results = bedrock.embed_many([content for _, content, _ in batch], count_tokens)
             done = [
                 (cid, r.vector)
-                for (cid, _), r in zip(batch, results, strict=True)
+                for (cid, _, _), r in zip(batch, results, strict=True)
                 if r.vector is not None
             ]
             failures = [
                 (cid, r.error or "unknown error")
-                for (cid, _), r in zip(batch, results, strict=True)
+                for (cid, _, _), r in zip(batch, results, strict=True)
                 if r.vector is None
             ]
             with conn.transaction():
@@ -257,6 +258,9 @@ def embed_pending(
                 stats.newly_quarantined += record_failures(conn, failures, quarantine_after)
             failed_this_run.extend(cid for cid, _ in failures)
             stats.embedded += written
+            stats.tokens += sum(
+                n for (_, _, n), r in zip(batch, results, strict=True) if r.vector is not None
+            )
             stats.failed += len(failures)
             stats.truncated += sum(r.truncated for r in results)
             stats.attempts += sum(r.attempts for r in results)

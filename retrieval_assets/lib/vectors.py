@@ -107,6 +107,7 @@ def count_nulls(table: Any, column: str) -> int:
 @dataclass
 class FillResult:
     embedded: int = 0
+    tokens: int = 0  # in the chunker's tokenizer, of the rows embedded
     skipped: int = 0
     seconds: float = 0.0
     batches: int = 0
@@ -172,6 +173,7 @@ def fill_nulls(
             )
             table.merge_insert("chunk_id").when_matched_update_all().execute(update)
             result.embedded += rows.num_rows
+            result.tokens += sum(rows.column("token_count").to_pylist())
             result.batches += 1
             elapsed = time.monotonic() - started
             progress(

@@ -3,9 +3,9 @@
 import dagster as dg
 import numpy as np
 
-from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS
+from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
 from retrieval_assets.lib.embedders import FastEmbedResource
-from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain
 from retrieval_assets.lib.search import coarse_search
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ensure_coarse_index
 
@@ -91,3 +91,30 @@ def coarse_recall(lancedb: LanceDBResource, fastembed: FastEmbedResource) -> dg.
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"recall_at_10": recall, **fastembed.query_cache.stats()},
     )
+
+
+CHUNK_TABLE_MAINTENANCE = dg.AssetKey(["lancedb", "chunk_table_maintenance"])
+
+
+@dg.asset(
+    key=CHUNK_TABLE_MAINTENANCE,
+    deps=[COARSE_INDEX, ST_VECTORS],
+    group_name="coarse_index",
+    kinds={"lancedb"},
+    owners=["team:data-platform"],
+    code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def chunk_table_maintenance(
+    context: dg.AssetExecutionContext, lancedb: LanceDBResource
+) -> dg.MaterializeResult:
+    """The LanceDB chunk table kept compact: after the vectors and the index are written, small
+    files are compacted, new rows folded into the indices and versions older than the retention
+    (LANCEDB_KEEP_VERSIONS_MINUTES) removed, so incremental runs do not pile up versions."""
+    with lancedb.get_connection() as db:
+        result = maintain(lancedb.chunks_table(db), lancedb.keep_versions_minutes)
+    context.log.info(
+        f"chunk table: {result['versions_before']} -> {result['versions_after']} versions, "
+        f"{result['fragments_before']} -> {result['fragments_after']} fragments"
+    )
+    return dg.MaterializeResult(metadata=result)

@@ -99,6 +99,8 @@ def fill_column(
         "rows_embedded": result.embedded,
         "rows_skipped": result.skipped,
         "rows_per_second": round(result.rate, 1),
+        "tokens_embedded": result.tokens,
+        "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else 0.0,
         "seconds": round(result.seconds, 2),
         "nulls_remaining": result.remaining,
     }

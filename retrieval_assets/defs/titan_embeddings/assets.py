@@ -92,6 +92,8 @@ def embed_titan(
         "quarantined": in_quarantine,
         "cleared_other_model": cleared,
         "rows_per_second": round(stats.embedded / seconds, 1) if seconds else 0.0,
+        "tokens_embedded": stats.tokens,
+        "tokens_per_second": round(stats.tokens / seconds, 1) if seconds else 0.0,
         "nulls_remaining": remaining,
         "bulk_load": bulk,
         "hnsw_build_seconds": round(build_seconds, 1),

@@ -1,0 +1,181 @@
+"""Benchmark: the whole graph at 10,000 and 100,000 chunks of real text, as users run it.
+
+Run with `./dev bench -k graph` (not part of `./dev test`); GRAPH_BENCH_CHUNKS sets the sizes
+(default "10000,100000"). Each size is a fresh project directory under .data/bench/graph-N; the
+graph runs through `retrieval-assets run` (the multiprocess executor, as `./dev run` does), and
+the figures come from the run's own event log: per stage wall time, rows/s, tokens/s, peak RSS
+of the run's processes, store sizes. Then, at the largest size: a run with nothing new, and a run
+after adding 1 % new conversations, each as a ratio to the first run. Nothing asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from tests.benchmarks.corpus import CACHE_DIR, sentences
+
+pytestmark = pytest.mark.benchmark
+SIZES = [int(n) for n in os.environ.get("GRAPH_BENCH_CHUNKS", "10000,100000").split(",")]
+EXCHANGES = 2  # per conversation; one chunk each (the default tier holds an exchange)
+PEAK_RSS = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+sys.exit(code)
+"""
+
+
+def write_corpus(path: Path, texts: list[str], conversations: range) -> None:
+    with path.open("a") as out:
+        for i in conversations:
+            for turn in range(2 * EXCHANGES):
+                record = {
+                    "conversation_id": f"bench-{i:07d}",
+                    "user_id": f"user-{i % 5_000}",
+                    "role": "user" if turn % 2 == 0 else "assistant",
+                    "content": texts[(2 * EXCHANGES * i + turn) % len(texts)],
+                    "created_at": 1_700_000_000 + i,
+                }
+                out.write(json.dumps(record) + "\n")
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Project:
+    def __init__(self, chunks: int, texts: list[str]) -> None:
+        self.root = CACHE_DIR / f"graph-{chunks}"
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "source").mkdir(parents=True)
+        self.source = self.root / "source" / "messages.jsonl"
+        self.conversations = chunks // EXCHANGES
+        self.texts = texts
+        write_corpus(self.source, texts, range(self.conversations))
+
+    def grow(self, fraction: float) -> int:
+        new = max(1, int(self.conversations * fraction))
+        write_corpus(self.source, self.texts, range(self.conversations, self.conversations + new))
+        self.conversations += new
+        return new
+
+    def run(self) -> dict:
+        env = {
+            **os.environ,
+            "CONVERSATIONS_SOURCE": str(self.source),
+            "RETRIEVAL_DATA_DIR": str(self.root / "data"),
+            "DAGSTER_HOME": str(self.root / "home"),
+            "LANCEDB_KEEP_VERSIONS_MINUTES": "0",
+        }
+        cli = str(Path(sys.executable).with_name("retrieval-assets"))
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, cli, "run"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        wall = time.monotonic() - started
+        assert out.returncode == 0, out.stderr[-3000:]
+        peak_kb = int(out.stdout.split("PEAK_RSS_KB")[-1].split()[0])
+        return {"wall": wall, "peak_rss_mb": peak_kb / 1024, **self.stages()}
+
+    def stages(self) -> dict:
+        instance = dg.DagsterInstance.from_config(str(self.root / "home"))
+        run = instance.get_runs(limit=1)[0]
+        starts, stages = {}, {}
+        for entry in instance.all_logs(run.run_id):
+            event = entry.dagster_event
+            if event is None:
+                continue
+            if event.event_type_value == "STEP_START":
+                starts[event.step_key] = entry.timestamp
+            elif event.event_type_value == "STEP_SUCCESS":
+                stages.setdefault(event.step_key, {})["seconds"] = (
+                    entry.timestamp - starts[event.step_key]
+                )
+            elif event.is_step_materialization:
+                materialization = event.step_materialization_data.materialization
+                stages.setdefault(event.step_key, {}).update(
+                    {k: v.value for k, v in materialization.metadata.items()}
+                )
+        return {"stages": stages}
+
+
+def stage_rows(result: dict) -> list[str]:
+    """One line per step: step wall time (model load included), rows, the fill's own rate."""
+    rows = []
+    for step, m in sorted(result["stages"].items()):
+        done = m.get("rows_embedded", m.get("chunks_added", m.get("rows_inserted", 0)))
+        rate = f"{m['rows_per_second']:,.0f} rows/s" if m.get("rows_per_second") else ""
+        tokens = f"{m['tokens_per_second']:,.0f} tokens/s" if m.get("tokens_per_second") else ""
+        rows.append(
+            f"    {step[:44]:<44} {m.get('seconds', 0.0):7.1f} s {done:>8} {rate:>13} "
+            f"{tokens:>16}  {m.get('model', '')}"
+        )
+    return rows
+
+
+def embedded(result: dict) -> dict[str, int]:
+    return {
+        step: m["rows_embedded"] for step, m in result["stages"].items() if "rows_embedded" in m
+    }
+
+
+def test_whole_graph_at_scale():
+    texts = sentences(2 * EXCHANGES * max(SIZES) // 2 + 1_000)
+    print(f"\n== whole graph: {len(texts):,} real sentences, sizes {SIZES}")
+    firsts = {}
+    for chunks in SIZES:
+        project = Project(chunks, texts)
+        first = project.run()
+        firsts[chunks] = first
+        data = project.root / "data"
+        lance_mb, pg_mb = du(data / "lancedb") / 1e6, du(data / "pg") / 1e6
+        print(
+            f"\n  {chunks:,} chunks, first run: {first['wall']:.0f} s wall, peak RSS "
+            f"{first['peak_rss_mb']:,.0f} MB; on disk: LanceDB {lance_mb:,.0f} MB, "
+            f"Postgres {pg_mb:,.0f} MB"
+        )
+        print("\n".join(stage_rows(first)))
+    largest = max(SIZES)
+    second = project.run()
+    print(
+        f"\n  {largest:,} chunks, second run, nothing new: {second['wall']:.0f} s = "
+        f"{second['wall'] / first['wall']:.1%} of the first (target ≤ 5 %); rows embedded "
+        f"{embedded(second)}"
+    )
+    new = project.grow(0.01)
+    third = project.run()
+    print(
+        f"  after adding {new:,} conversations (1 %): {third['wall']:.0f} s = "
+        f"{third['wall'] / first['wall']:.1%} of the first; rows embedded {embedded(third)}"
+    )
+    print("\n".join(stage_rows(third)))
+    if len(SIZES) > 1:
+        small, large = firsts[min(SIZES)], firsts[largest]
+        growth = large["peak_rss_mb"] / small["peak_rss_mb"] - 1
+        print(
+            f"\n  peak RSS {min(SIZES):,} → {largest:,} chunks: {small['peak_rss_mb']:,.0f} → "
+            f"{large['peak_rss_mb']:,.0f} MB ({growth:+.0%}; targets ≤ 2,048 MB and within 20 %)"
+        )
+    for label, result in (("first", first), ("second", second), ("+1 %", third)):
+        m = result["stages"].get("lancedb__chunk_table_maintenance", {})
+        if m:
+            print(
+                f"  LanceDB maintenance ({label} run): versions {m['versions_before']} → "
+                f"{m['versions_after']}, fragments {m['fragments_before']} → "
+                f"{m['fragments_after']} (small {m['small_fragments_before']} → "
+                f"{m['small_fragments_after']})"
+            )
+    assert all(n == 0 for n in embedded(second).values())  # nothing new: no model called
+    assert set(embedded(third).values()) == {new * EXCHANGES}
