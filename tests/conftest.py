@@ -67,10 +67,11 @@ def fastembed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def sentence_transformer():
+def sentence_transformer(fastembed):
     from retrieval_assets.lib.embedders import SentenceTransformerResource
 
-    resource = SentenceTransformerResource()
+    # The same data_dir as FastEmbed's: queries reuse its ONNX export of the same network.
+    resource = SentenceTransformerResource(data_dir=fastembed.data_dir)
     resource.load()
     return resource
 

@@ -72,7 +72,7 @@ defs = dg.Definitions(
             model=_env("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=DATA_DIR
         ),
         "sentence_transformer": SentenceTransformerResource(
-            model=_env("ST_MODEL", DEFAULT_ST_MODEL)
+            model=_env("ST_MODEL", DEFAULT_ST_MODEL), data_dir=DATA_DIR
         ),
         "bedrock": _bedrock(),
         "chunker": ChunkerResource(

@@ -81,3 +81,16 @@ def test_resource_query_embeddings_go_through_the_cache(fastembed):
 def test_a_model_that_is_not_available_offline_says_what_is_missing():
     with pytest.raises(ModelNotAvailable, match=r"not available offline.*Hugging Face cache"):
         SentenceTransformerResource(model="intfloat/e5-large-v2").load()
+
+
+def test_fine_queries_go_through_onnx_only_when_it_matches_pytorch(sentence_transformer):
+    from retrieval_assets.lib.embedders import SentenceTransformerResource
+
+    query = "which index makes sorting faster"
+    fast = sentence_transformer.embed_query(query)
+    assert type(sentence_transformer._query_model).__name__ == "TextEmbedding"
+    exact = sentence_transformer._encode([query])[0]
+    assert float(np.dot(fast, exact)) > 0.9999
+    torch_only = SentenceTransformerResource(onnx_queries=False)
+    assert float(np.dot(torch_only.embed_query(query), exact)) > 0.99999
+    assert torch_only._query_model is False
