@@ -68,16 +68,30 @@ def cmd_run(_: argparse.Namespace) -> int:
     _ensure_dagster_home()
     import dagster as dg
 
-    from retrieval_assets.definitions import defs
-
     started = time.monotonic()
-    job = defs().resolve_job_def(MAIN_JOB)
-    with dg.DagsterInstance.get() as instance:
-        result = job.execute_in_process(
+    # Through the job's own executor (multiprocess: a process per step, two at a time), as the
+    # daemon would run it; the run lands in the same instance the web UI shows.
+    with (
+        dg.DagsterInstance.get() as instance,
+        dg.execute_job(
+            dg.reconstructable(main_job),
             instance=instance,
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-        )
+        ) as result,
+    ):
+        _summarize(result, started)
+    return 0 if result.success else 1
+
+
+def main_job():
+    """The main job, for Dagster to rebuild in each step process."""
+    from retrieval_assets.definitions import defs
+
+    return defs().resolve_job_def(MAIN_JOB)
+
+
+def _summarize(result, started: float) -> None:
     print(
         f"\n{MAIN_JOB}: {'succeeded' if result.success else 'FAILED'} "
         f"in {time.monotonic() - started:.1f}s (run {result.run_id})"
@@ -104,7 +118,6 @@ def cmd_run(_: argparse.Namespace) -> int:
                 while error.cause is not None:  # the user code's error, not Dagster's wrapper
                     error = error.cause
                 print(f"\n{event.step_key} failed: {error.cls_name}: {error.message.strip()}")
-    return 0 if result.success else 1
 
 
 def cmd_status(_: argparse.Namespace) -> int:
