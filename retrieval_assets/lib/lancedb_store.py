@@ -148,21 +148,25 @@ def delete_ids(table: Any, ids: Iterable[str]) -> int:
     return len(pending)
 
 
-def on_commit_conflict(
-    open_table: Callable[[], Any], change: Callable[[Any], T], attempts: int = 8
-) -> tuple[T, Any]:
-    """Apply `change` to a freshly opened table, again if another writer committed first.
+# What another process can do to the version a table handle holds: commit first (a retryable
+# conflict), or compact and clean up, so that files of the old version are gone ("Not found").
+def _stale_table(reason: str) -> bool:
+    return "commit conflict" in reason or ("lance" in reason and "not found" in reason)
 
-    Lance commits optimistically: a schema change that loses the race fails with a retryable
-    commit conflict; the table is re-opened at its latest version and `change` decides again.
-    Returns the change's result and the table it was applied to.
-    """
+
+def on_latest_version(
+    open_table: Callable[[], Any], work: Callable[[Any], T], attempts: int = 8
+) -> tuple[T, Any]:
+    """Do `work` on a freshly opened table; if another process moved the table on underneath it
+    (a writer committed first, or maintenance removed the version being read), re-open the table
+    at its latest version and do it again. Returns the result and the table it was done on."""
     for attempt in range(attempts):
         table = open_table()
         try:
-            return change(table), table
+            return work(table), table
         except (RuntimeError, OSError) as exc:
-            if "commit conflict" not in str(exc).lower() or attempt == attempts - 1:
+            reason = str(exc).lower()
+            if not _stale_table(reason) or attempt == attempts - 1:
                 raise
             time.sleep(0.05 * 2**attempt)
     raise AssertionError("unreachable")

@@ -308,3 +308,26 @@ def test_a_large_filtered_set_goes_through_the_index_and_still_returns_k(
         hits = coarse_search(chunks, query, k, user="user-4")
         assert hits.num_rows == min(k, 170)
         assert set(hits.column("user_id").to_pylist()) == {"user-4"}
+
+
+def test_readers_move_to_the_latest_version_when_maintenance_removed_theirs(tmp_path):
+    import time as clock
+
+    from retrieval_assets.lib.lancedb_store import maintain, on_latest_version
+
+    uri = str(tmp_path / "t")
+    rows = pa.table({"chunk_id": [f"{i:032x}" for i in range(100)], "n": list(range(100))})
+    writer = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=rows.slice(0, 10))
+    for start in range(10, 100, 10):
+        writer.add(rows.slice(start, 10))
+    stale = lancedb.connect(uri).open_table(CHUNKS_TABLE)
+    stale.checkout(stale.version)  # a reader pinned to the version it opened
+    clock.sleep(0.1)
+    figures = maintain(writer, keep_versions_minutes=0)
+    assert figures["fragments_after"] < figures["fragments_before"]
+    assert figures["versions_after"] < figures["versions_before"]
+    with pytest.raises(Exception, match="Not found"):
+        stale.to_arrow()
+    handles = iter([stale, lancedb.connect(uri).open_table(CHUNKS_TABLE)])
+    total, _ = on_latest_version(lambda: next(handles), lambda t: t.to_arrow().num_rows)
+    assert total == 100

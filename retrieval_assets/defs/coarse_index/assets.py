@@ -5,7 +5,7 @@ import numpy as np
 
 from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
 from retrieval_assets.lib.embedders import FastEmbedResource
-from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain
+from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
 from retrieval_assets.lib.search import coarse_search
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ensure_coarse_index
 
@@ -85,7 +85,9 @@ def coarse_index(
 )
 def coarse_recall(lancedb: LanceDBResource, fastembed: FastEmbedResource) -> dg.AssetCheckResult:
     with lancedb.get_connection() as db:
-        recall = sample_recall(lancedb.chunks_table(db), fastembed)
+        recall, _ = on_latest_version(
+            lambda: lancedb.chunks_table(db), lambda table: sample_recall(table, fastembed)
+        )
     return dg.AssetCheckResult(
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,

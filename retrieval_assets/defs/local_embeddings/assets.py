@@ -13,7 +13,7 @@ from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransforme
 from retrieval_assets.lib.lancedb_store import (
     LanceDBResource,
     explain_write_errors,
-    on_commit_conflict,
+    on_latest_version,
 )
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.shards import lancedb_filter
@@ -57,7 +57,7 @@ def fill_column(
         if shard is None:
             # Two columns can change schema at once (both assets run in parallel): a commit
             # conflict re-opens the table and decides again on its latest version.
-            action, table = on_commit_conflict(
+            action, table = on_latest_version(
                 lambda: lancedb.chunks_table(db),
                 lambda t: ensure_vector_column(
                     t, conn, column, embedder.label, lambda: embedder.dims

@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 
 from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
-from retrieval_assets.lib.lancedb_store import LanceDBResource
+from retrieval_assets.lib.lancedb_store import LanceDBResource, on_latest_version
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.vectors import (
     FASTEMBED_COLUMN,
@@ -54,34 +54,41 @@ def local_vector_checks(
     postgres: PostgresResource, lancedb: LanceDBResource
 ) -> Iterator[dg.AssetCheckResult]:
     with postgres.get_connection() as conn, lancedb.get_connection() as db:
-        table = lancedb.chunks_table(db)
-        for key, column in COLUMNS.items():
-            stored = column_dims(table, column)
-            nulls = table.count_rows(f"{column} IS NULL") if stored else table.count_rows()
-            yield dg.AssetCheckResult(
-                asset_key=key,
-                check_name=NULL_BACKLOG,
-                passed=nulls < NULL_BACKLOG_WARN_ROWS,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
-            )
-            registered = registered_model(conn, column)
-            declared = registered[1] if registered else None
-            yield dg.AssetCheckResult(
-                asset_key=key,
-                check_name=DIMS_MATCH,
-                passed=stored is None or stored == declared,
-                metadata={
-                    "stored_dims": stored or 0,
-                    "declared_dims": declared or 0,
-                    "model": registered[0] if registered else "none",
-                },
-            )
-            norms = vector_norms(table, column, NORM_SAMPLE) if stored else np.ones(0)
-            worst = float(np.abs(norms - 1).max()) if len(norms) else 0.0
-            yield dg.AssetCheckResult(
-                asset_key=key,
-                check_name=UNIT_NORMS,
-                passed=worst <= NORM_TOLERANCE,
-                metadata={"sampled": len(norms), "max_norm_deviation": worst},
-            )
+        # Maintenance may compact the table while these read it: read the latest version.
+        results, _ = on_latest_version(
+            lambda: lancedb.chunks_table(db), lambda table: list(_column_checks(table, conn))
+        )
+    yield from results
+
+
+def _column_checks(table, conn) -> Iterator[dg.AssetCheckResult]:
+    for key, column in COLUMNS.items():
+        stored = column_dims(table, column)
+        nulls = table.count_rows(f"{column} IS NULL") if stored else table.count_rows()
+        yield dg.AssetCheckResult(
+            asset_key=key,
+            check_name=NULL_BACKLOG,
+            passed=nulls < NULL_BACKLOG_WARN_ROWS,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
+        )
+        registered = registered_model(conn, column)
+        declared = registered[1] if registered else None
+        yield dg.AssetCheckResult(
+            asset_key=key,
+            check_name=DIMS_MATCH,
+            passed=stored is None or stored == declared,
+            metadata={
+                "stored_dims": stored or 0,
+                "declared_dims": declared or 0,
+                "model": registered[0] if registered else "none",
+            },
+        )
+        norms = vector_norms(table, column, NORM_SAMPLE) if stored else np.ones(0)
+        worst = float(np.abs(norms - 1).max()) if len(norms) else 0.0
+        yield dg.AssetCheckResult(
+            asset_key=key,
+            check_name=UNIT_NORMS,
+            passed=worst <= NORM_TOLERANCE,
+            metadata={"sampled": len(norms), "max_norm_deviation": worst},
+        )
