@@ -199,11 +199,8 @@ def test_lancedb_fill_picks_up_rows_inserted_while_it_runs(backlog, lance_uri, f
 
         def embed(texts, lengths):
             if len(added) < 3:  # another writer adds 50 new chunks during each early batch
-                ids = [f"{len(added)}{i[1:]}" for i in template["chunk_id"].to_pylist()]
-                new = template.set_column(0, "chunk_id", [[f"e{x[1:]}"[:32] for x in ids]])
-                new = new.set_column(
-                    0, "chunk_id", [[f"{len(added):x}{i:031x}" for i in range(50)]]
-                )
+                fresh_ids = [f"{len(added):x}{i:031x}" for i in range(50)]
+                new = template.set_column(0, "chunk_id", [fresh_ids])
                 chunks.add(new)
                 added.append(new.num_rows)
             return fastembed.embed_documents(texts, lengths)
