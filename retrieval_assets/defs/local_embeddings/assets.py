@@ -53,7 +53,6 @@ def fill_column(
         lancedb.get_connection() as db,
         explain_write_errors(lancedb.location),
     ):
-        table = lancedb.chunks_table(db)
         if shard is None:
             # Two columns can change schema at once (both assets run in parallel): a commit
             # conflict re-opens the table and decides again on its latest version.
@@ -66,7 +65,7 @@ def fill_column(
             if action != "unchanged":
                 log.info(f"{column}: column {action} for {embedder.label}")
         else:
-            action = "unchanged"
+            action, table = "unchanged", lancedb.chunks_table(db)
             registered = registered_model(conn, column)
             if (
                 column_dims(table, column) is None

@@ -65,13 +65,7 @@ def _column_checks(table, conn) -> Iterator[dg.AssetCheckResult]:
     for key, column in COLUMNS.items():
         stored = column_dims(table, column)
         nulls = table.count_rows(f"{column} IS NULL") if stored else table.count_rows()
-        yield dg.AssetCheckResult(
-            asset_key=key,
-            check_name=NULL_BACKLOG,
-            passed=nulls < NULL_BACKLOG_WARN_ROWS,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
-        )
+        yield null_backlog_result(key, nulls)
         registered = registered_model(conn, column)
         declared = registered[1] if registered else None
         yield dg.AssetCheckResult(
@@ -86,9 +80,25 @@ def _column_checks(table, conn) -> Iterator[dg.AssetCheckResult]:
         )
         norms = vector_norms(table, column, NORM_SAMPLE) if stored else np.ones(0)
         worst = float(np.abs(norms - 1).max()) if len(norms) else 0.0
-        yield dg.AssetCheckResult(
-            asset_key=key,
-            check_name=UNIT_NORMS,
-            passed=worst <= NORM_TOLERANCE,
-            metadata={"sampled": len(norms), "max_norm_deviation": worst},
-        )
+        yield unit_norms_result(key, len(norms), worst)
+
+
+def null_backlog_result(key: dg.AssetKey, nulls: int) -> dg.AssetCheckResult:
+    """The NULL-backlog check of a vector column (both stores): WARN past the threshold."""
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=NULL_BACKLOG,
+        passed=nulls < NULL_BACKLOG_WARN_ROWS,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
+    )
+
+
+def unit_norms_result(key: dg.AssetKey, sampled: int, worst: float) -> dg.AssetCheckResult:
+    """The unit-norm check of a vector column (both stores), from the worst sampled deviation."""
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=UNIT_NORMS,
+        passed=worst <= NORM_TOLERANCE,
+        metadata={"sampled": sampled, "max_norm_deviation": worst},
+    )

@@ -11,6 +11,8 @@ from retrieval_assets.defs.local_embeddings.checks import (
     NULL_BACKLOG,
     NULL_BACKLOG_WARN_ROWS,
     UNIT_NORMS,
+    null_backlog_result,
+    unit_norms_result,
 )
 from retrieval_assets.defs.titan_embeddings.assets import TITAN_EMBEDDINGS
 from retrieval_assets.lib.bedrock import BedrockResource
@@ -58,26 +60,14 @@ def titan_checks(
             "LIMIT %s) s",
             [NORM_SAMPLE],
         ).fetchone()
-    yield dg.AssetCheckResult(
-        asset_key=TITAN_EMBEDDINGS,
-        check_name=NULL_BACKLOG,
-        passed=pending < NULL_BACKLOG_WARN_ROWS,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"null_rows": pending, "warn_at": NULL_BACKLOG_WARN_ROWS},
-    )
+    yield null_backlog_result(TITAN_EMBEDDINGS, pending)
     yield dg.AssetCheckResult(
         asset_key=TITAN_EMBEDDINGS,
         check_name=DIMS_MATCH,
         passed=stored == bedrock.dimensions,
         metadata={"stored_dims": stored, "declared_dims": bedrock.dimensions},
     )
-    worst = max(abs(lo - 1), abs(hi - 1))
-    yield dg.AssetCheckResult(
-        asset_key=TITAN_EMBEDDINGS,
-        check_name=UNIT_NORMS,
-        passed=worst <= NORM_TOLERANCE,
-        metadata={"sampled": sampled, "max_norm_deviation": float(worst)},
-    )
+    yield unit_norms_result(TITAN_EMBEDDINGS, sampled, float(max(abs(lo - 1), abs(hi - 1))))
     yield dg.AssetCheckResult(
         asset_key=TITAN_EMBEDDINGS,
         check_name=NO_QUARANTINE,
