@@ -13,7 +13,8 @@ import html
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,36 @@ def _timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
+
+
+@contextmanager
+def hash_vector_endpoint(latency_ms: float = 0.0) -> Iterator[str]:
+    """A Bedrock-compatible endpoint in its own process (as Bedrock is) that derives vectors by
+    hashing, so only the client and what follows it cost CPU here; yields its URL."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "retrieval_assets.lib.bedrock_emulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            str(latency_ms),
+            "--hash-vectors",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "local Bedrock endpoint" in server.stdout.readline()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)

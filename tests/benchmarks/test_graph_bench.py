@@ -23,7 +23,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.benchmarks.corpus import CACHE_DIR, sentences
+from tests.benchmarks.corpus import CACHE_DIR, hash_vector_endpoint, sentences
 
 pytestmark = pytest.mark.benchmark
 SIZES = [int(n) for n in os.environ.get("GRAPH_BENCH_CHUNKS", "10000,100000").split(",")]
@@ -141,27 +141,8 @@ def embedded(result: dict) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def endpoint():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "retrieval_assets.lib.bedrock_emulator",
-            "--port",
-            str(port),
-            "--hash-vectors",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert "local Bedrock endpoint" in server.stdout.readline()
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(10)
+    with hash_vector_endpoint() as url:
+        yield url
 
 
 def test_whole_graph_at_scale(endpoint):

@@ -21,7 +21,13 @@ from retrieval_assets.lib.postgres import connect, embedded_url
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.search import postgres_search
 from retrieval_assets.lib.titan import write_vectors
-from tests.benchmarks.corpus import CACHE_DIR, cached_embeddings, percentiles, sentences
+from tests.benchmarks.corpus import (
+    CACHE_DIR,
+    cached_embeddings,
+    hash_vector_endpoint,
+    percentiles,
+    sentences,
+)
 
 pytestmark = pytest.mark.benchmark
 ROWS = 250_000
@@ -213,32 +219,10 @@ def test_match_at_250k_rows(bench_db, corpus):
 
 def test_bedrock_client_throughput_at_50ms():
     """The client against an endpoint in its own process (as Bedrock is), 50 ms per call."""
-    import socket
-    import subprocess
-    import sys
-
     concurrency, latency_s, texts = 16, 0.05, 800
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "retrieval_assets.lib.bedrock_emulator",
-            "--port",
-            str(port),
-            "--latency-ms",
-            str(latency_s * 1000),
-            "--hash-vectors",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert "local Bedrock endpoint" in server.stdout.readline()
+    with hash_vector_endpoint(latency_s * 1000) as url:
         bedrock = BedrockResource(
-            endpoint_url=f"http://127.0.0.1:{port}",
+            endpoint_url=url,
             aws_access_key_id="bench",
             aws_secret_access_key="bench",
             region_name="us-east-1",
@@ -248,9 +232,6 @@ def test_bedrock_client_throughput_at_50ms():
         started = time.perf_counter()
         results = bedrock.embed_many([f"text {i}" for i in range(texts)])
         elapsed = time.perf_counter() - started
-    finally:
-        server.terminate()
-        server.wait(10)
     assert all(r.vector is not None for r in results)
     ideal = concurrency / latency_s
     report(
