@@ -1,10 +1,12 @@
 """The code location loads, quickly and without heavy imports, with the expected inventory."""
 
+import os
 import subprocess
 import sys
 
 import dagster as dg
 
+from retrieval_assets.cli import instance_yaml
 from retrieval_assets.definitions import defs
 
 EXPECTED_ASSETS = {
@@ -57,11 +59,15 @@ def test_loading_the_code_location_imports_no_model_or_store_library():
     assert out.stdout.strip() == ""
 
 
-def test_workspace_yaml_loads_through_dagster_cli():
+def test_workspace_yaml_loads_through_dagster_cli(tmp_path):
+    # Its own instance, written from the project's dagster.yaml as `retrieval-assets ui` writes
+    # it: the check must not depend on what an earlier command left in .data/.
+    (tmp_path / "dagster.yaml").write_text(instance_yaml())
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         capture_output=True,
         text=True,
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
