@@ -58,6 +58,7 @@ class QueryCache:
     def __init__(self, embed: Callable[[str], np.ndarray], maxsize: int = QUERY_CACHE_SIZE):
         self._embed = embed
         self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # searches may run on several threads
         self.maxsize = maxsize
         self.hits = self.misses = self.evictions = 0
 
@@ -67,20 +68,26 @@ class QueryCache:
 
     def get(self, text: str) -> np.ndarray:
         key = self.key(text)
-        if key in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        self.misses += 1
-        vector = self._embed(text)
-        self._entries[key] = vector
-        if len(self._entries) > self.maxsize:
-            self._entries.popitem(last=False)
-            self.evictions += 1
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            self.misses += 1
+        vector = self._embed(text)  # outside the lock: other queries need not wait for it
+        with self._lock:
+            self._entries[key] = vector
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+                self.evictions += 1
         return vector
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
     def stats(self) -> dict[str, int]:
         return {

@@ -3,10 +3,12 @@ sentence-transformers vectors), or the Titan vectors in Postgres through the mat
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from retrieval_assets.lib.lancedb_store import quote_literal
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
@@ -87,6 +89,24 @@ def coarse_search(
     return result
 
 
+_QUERY_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fine-query")
+
+
+def fine_scores(column: pa.ChunkedArray | pa.Array, query: np.ndarray) -> np.ndarray:
+    """Cosine of each candidate's fine vector with the query (vectors are unit length); NaN
+    where the row has no fine vector yet. One matrix product over the Arrow buffer."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if len(column) == 0:
+        return np.empty(0)
+    dims = column.type.list_size
+    flat = column.values.to_numpy(zero_copy_only=False).reshape(-1, dims)
+    vectors = flat[column.offset : column.offset + len(column)]
+    scores = (vectors @ np.asarray(query, dtype=np.float32)).astype(np.float64)
+    scores[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return scores
+
+
 def search(
     table: Any,
     fastembed: Any,
@@ -101,17 +121,16 @@ def search(
     Candidates whose fine vector is still NULL (awaiting the backfill) follow the reranked ones in
     coarse order; scores from the two spaces are never compared with each other.
     """
+    # The fine query embedding runs while the coarse stage does (both models and LanceDB release
+    # the GIL), so the query pays for the longer of the two, not their sum.
+    query_fine = _QUERY_POOL.submit(sentence_transformer.embed_query, query)
     candidates = coarse_search(
         table, fastembed.embed_query(query), coarse_k, user, columns=[*RESULT_COLUMNS, ST_COLUMN]
     )
+    fine = fine_scores(candidates.column(ST_COLUMN), query_fine.result())
     if candidates.num_rows == 0:
         return []
     coarse = 1.0 - candidates.column("_distance").to_numpy()
-    fine_vectors = candidates.column(ST_COLUMN).to_pylist()
-    query_fine = sentence_transformer.embed_query(query)
-    fine = np.array(
-        [float(np.dot(v, query_fine)) if v is not None else np.nan for v in fine_vectors]
-    )
     rows = candidates.drop_columns([ST_COLUMN, "_distance"]).to_pylist()
     hits = [
         Hit(

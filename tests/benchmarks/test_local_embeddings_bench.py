@@ -217,8 +217,8 @@ def test_coarse_search_at_250k_rows(models, tmp_path):
 
     two_stage = []
     for text in query_texts:
-        fastembed.query_cache._entries.clear()
-        sentence_transformer.query_cache._entries.clear()
+        fastembed.query_cache.clear()
+        sentence_transformer.query_cache.clear()
         started = time.perf_counter()
         search(table, fastembed, sentence_transformer, text, k=10)
         two_stage.append((time.perf_counter() - started) * 1000)
