@@ -56,6 +56,7 @@ def coarse_search(
     exact: bool = False,
     nprobes: int = DEFAULT_NPROBES,
     ef: int = DEFAULT_EF,
+    row_ids: bool = False,
 ):
     """The `top_k` nearest chunks by FastEmbed vector (cosine): min(top_k, rows with a vector).
 
@@ -64,7 +65,7 @@ def coarse_search(
     searched exactly (the scalar index on user_id finds them; scanning a few thousand vectors is
     cheap); a larger filtered set goes through the ANN index, and if the index's probes found
     fewer than min(top_k, matching rows) the query is answered exactly instead. `exact=True`
-    bypasses the index (the ground truth for recall).
+    bypasses the index (the ground truth for recall). `row_ids` adds LanceDB's `_rowid`.
     """
     where = None if user is None else f"user_id = {quote_literal(user)}"
     matching = None
@@ -79,6 +80,8 @@ def coarse_search(
         if where is not None:
             query = query.where(where, prefilter=True)
         query = query.select([*(columns or RESULT_COLUMNS), "_distance"]).limit(top_k)
+        if row_ids:
+            query = query.with_row_id(True)
         if exact_search:
             return query.bypass_vector_index().to_arrow()
         return query.nprobes(nprobes).ef(max(ef, top_k)).to_arrow()  # HNSW needs ef >= k
@@ -119,20 +122,29 @@ def search(
     """Coarse top-`coarse_k` by FastEmbed, reranked by sentence-transformers; the best `k`.
 
     Candidates whose fine vector is still NULL (awaiting the backfill) follow the reranked ones in
-    coarse order; scores from the two spaces are never compared with each other.
+    coarse order; scores from the two spaces are never compared with each other. Only ids and
+    fine vectors are read for the candidates; the text and the rest of the row only for the `k`
+    that are returned.
     """
     # The fine query embedding runs while the coarse stage does (both models and LanceDB release
     # the GIL), so the query pays for the longer of the two, not their sum.
     query_fine = _QUERY_POOL.submit(sentence_transformer.embed_query, query)
     candidates = coarse_search(
-        table, fastembed.embed_query(query), coarse_k, user, columns=[*RESULT_COLUMNS, ST_COLUMN]
+        table,
+        fastembed.embed_query(query),
+        coarse_k,
+        user,
+        columns=["chunk_id", ST_COLUMN],
+        row_ids=True,
     )
     fine = fine_scores(candidates.column(ST_COLUMN), query_fine.result())
-    if candidates.num_rows == 0:
-        return []
     coarse = 1.0 - candidates.column("_distance").to_numpy()
-    rows = candidates.drop_columns([ST_COLUMN, "_distance"]).to_pylist()
-    hits = [
+    reranked = ~np.isnan(fine)
+    score = np.where(reranked, fine, coarse)
+    best = np.lexsort((-score, ~reranked))[:k]  # reranked first, then by score
+    ids = candidates.column("chunk_id").take(best).to_pylist()
+    rows = _rows_by_id(table, candidates.column("_rowid").take(best).to_pylist(), ids)
+    return [
         Hit(
             r["chunk_id"],
             r["conversation_id"],
@@ -141,14 +153,37 @@ def search(
             r["turn_start"],
             r["turn_end"],
             r["content"],
-            float(c),
-            float(f) if not np.isnan(f) else float(c),
-            not np.isnan(f),
+            float(coarse[i]),
+            float(score[i]),
+            bool(reranked[i]),
         )
-        for r, c, f in zip(rows, coarse, fine, strict=True)
+        for i, chunk_id in zip(best, ids, strict=True)
+        if (r := rows.get(chunk_id)) is not None  # None: deleted since the coarse stage
     ]
-    hits.sort(key=lambda h: (not h.reranked, -h.score))
-    return hits[:k]
+
+
+def _rows_by_id(table: Any, row_ids: list[int], chunk_ids: list[str]) -> dict[str, dict]:
+    """The rows a search just returned, by chunk id: taken by LanceDB row id, or by chunk id if
+    the table was compacted in between (row ids then point elsewhere)."""
+    if not chunk_ids:
+        return {}
+    try:
+        found = table.take_row_ids(row_ids).select(RESULT_COLUMNS).to_arrow().to_pylist()
+    except (ValueError, RuntimeError, OSError, IndexError):
+        found = []
+    by_id = {r["chunk_id"]: r for r in found}
+    if set(by_id) != set(chunk_ids):
+        listed = ", ".join(quote_literal(c) for c in chunk_ids)
+        found = (
+            table.search()
+            .where(f"chunk_id IN ({listed})")
+            .select(RESULT_COLUMNS)
+            .limit(len(chunk_ids))
+            .to_arrow()
+            .to_pylist()
+        )
+        by_id = {r["chunk_id"]: r for r in found}
+    return by_id
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import dagster as dg
 import lancedb
@@ -18,10 +19,10 @@ from retrieval_assets.defs.local_embeddings.assets import (
 )
 from retrieval_assets.defs.local_embeddings.checks import local_vector_checks
 from retrieval_assets.lib.embedders import SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, quote_literal
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.search import coarse_search, search
+from retrieval_assets.lib.search import _rows_by_id, coarse_search, search
 from retrieval_assets.lib.vectors import (
     FASTEMBED_COLUMN,
     ST_COLUMN,
@@ -293,6 +294,27 @@ def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
     hits = search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
     assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
     assert all(h.reranked for h in hits[:-1])
+
+
+def test_search_returns_the_right_rows_when_the_table_is_compacted_between_its_reads(
+    corpus, fastembed, sentence_transformer, tmp_path
+):
+    chunks, _ = corpus
+    copy = lancedb.connect(str(tmp_path)).create_table(
+        CHUNKS_TABLE, data=chunks.search().limit(None).to_arrow()
+    )
+    first = coarse_search(
+        copy, fastembed.embed_query("JSON documents"), 10, columns=["chunk_id"], row_ids=True
+    )
+    ids = first.column("chunk_id").to_pylist()
+    # Deleting most other rows makes compaction rewrite the fragment: the old row ids are stale.
+    copy.delete(f"chunk_id NOT IN ({', '.join(quote_literal(i) for i in ids)})")
+    copy.optimize(cleanup_older_than=timedelta(0))
+    stale = copy.take_row_ids(first.column("_rowid").to_pylist()).select(["chunk_id"]).to_arrow()
+    assert stale.column("chunk_id").to_pylist() != ids  # the case the fallback is for
+    rows = _rows_by_id(copy, first.column("_rowid").to_pylist(), ids)
+    assert set(rows) == set(ids)
+    assert all(rows[i]["chunk_id"] == i and rows[i]["content"] for i in ids)
 
 
 def test_a_large_filtered_set_goes_through_the_index_and_still_returns_k(
