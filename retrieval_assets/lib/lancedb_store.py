@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dagster as dg
 from pydantic import Field
 
+from retrieval_assets.lib.memory import limit_malloc_arenas
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ class LanceDBResource(dg.ConfigurableResource):
     def get_connection(self) -> Iterator[lancedb.DBConnection]:
         import lancedb
 
+        limit_malloc_arenas()  # before LanceDB's threads start
         yield lancedb.connect(self.location, storage_options=self.storage_options or None)
 
     @property
@@ -97,6 +99,47 @@ class LanceDBResource(dg.ConfigurableResource):
         if CHUNKS_TABLE in db.list_tables().tables:
             return db.open_table(CHUNKS_TABLE)
         return db.create_table(CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True)
+
+
+# A per-row version for optimistic concurrency: every write that rewrites whole rows bumps it, and
+# applies only where it is unchanged since the rows were read. NULL (rows inserted by the chunk
+# step, or before the column existed) counts as 0.
+ROW_VERSION = "row_version"
+
+
+def ensure_row_version(table: Any) -> None:
+    """Add the row-version column to a table that predates it (all NULL: no rewrite)."""
+    import pyarrow as pa
+
+    if ROW_VERSION in table.schema.names:
+        return
+    try:
+        table.add_columns(pa.field(ROW_VERSION, pa.int64()))
+    except (ValueError, RuntimeError, OSError):  # another process may have added it first
+        table.checkout_latest()
+        if ROW_VERSION not in table.schema.names:
+            raise
+
+
+def next_row_versions(rows: pa.Table) -> pa.Array:
+    """The versions whole-row writes of `rows` (as read) carry."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.add(pc.coalesce(rows.column(ROW_VERSION), 0), 1).cast(pa.int64())
+
+
+# The merge condition for rows carrying next_row_versions(): nobody wrote them in between.
+# (Lance's merge condition does not resolve `target.` columns inside function calls.)
+ROWS_UNCHANGED = (
+    f"(target.{ROW_VERSION} IS NULL AND source.{ROW_VERSION} = 1) "
+    f"OR target.{ROW_VERSION} + 1 = source.{ROW_VERSION}"
+)
+
+
+def bump_row_versions(table: Any) -> None:
+    """Mark every row changed: whole-row writes prepared from earlier reads no longer apply."""
+    table.update(values_sql={ROW_VERSION: f"coalesce({ROW_VERSION}, 0) + 1"})
 
 
 def table_ids(table: Any, column: str = "chunk_id") -> set[str]:

@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, quote_ids
+from retrieval_assets.lib.lancedb_store import (
+    CHUNKS_TABLE,
+    ROW_VERSION,
+    ROWS_UNCHANGED,
+    bump_row_versions,
+    ensure_row_version,
+    next_row_versions,
+    quote_ids,
+)
+from retrieval_assets.lib.memory import release_freed_memory
 
 FASTEMBED_COLUMN = "vector_fastembed"
 ST_COLUMN = "vector"
@@ -72,7 +81,11 @@ def ensure_vector_column(
             label,
             dims,
         )
+        ensure_row_version(table)
         table.drop_columns([column])
+        # Between the drop and the add: whole rows read before the drop (holding the old model's
+        # vectors) then no longer apply, and rows read after it lack the column altogether.
+        bump_row_versions(table)
     table.add_columns(vector_field(column, dims))
     same_seed = registered is not None and registered[0] == label and registered[1] is None
     _record(conn, column, label, dims, retire=not same_seed)
@@ -135,6 +148,13 @@ def fill_nulls(
     loses at most the batch in flight, and the next run picks up exactly the rows still NULL.
     Batches are addressed by id, never by position in the shrinking NULL set. When a pass ends,
     another one picks up rows inserted meanwhile, until a pass finds nothing (or `max_passes`).
+
+    Each merge carries whole rows: LanceDB joins a merge that carries only some columns by
+    holding every row of the table in memory (lance-format/lance#7630), so memory would grow with
+    the table. Whole rows must not undo what another writer did meanwhile (the run filling the
+    other vector column may be working beside this one), so each merge bumps the rows' version
+    and applies only to rows whose version is unchanged since they were read; a row skipped so
+    stays NULL for the next pass.
     """
     import pyarrow as pa
 
@@ -149,12 +169,15 @@ def fill_nulls(
             break
         order = np.argsort(pending.column("token_count").to_numpy(), kind="stable")
         ids = pending.column("chunk_id").to_numpy(zero_copy_only=False)[order]
+        ensure_row_version(table)
+        schema = table.schema
+        field = schema.field(column)
         for start in range(0, len(ids), write_rows):
             batch = ids[start : start + write_rows]
             rows = (
                 table.search()
                 .where(f"{column} IS NULL AND chunk_id IN ({quote_ids(batch)})")
-                .select(["chunk_id", "content", "token_count"])
+                .select(schema.names)
                 .limit(None)
                 .to_arrow()
             )
@@ -163,22 +186,41 @@ def fill_nulls(
             vectors = embed(
                 rows.column("content").to_pylist(), rows.column("token_count").to_pylist()
             )
-            update = pa.table(
-                {
-                    "chunk_id": rows.column("chunk_id"),
-                    column: pa.FixedSizeListArray.from_arrays(
-                        pa.array(vectors.ravel()), vectors.shape[1]
-                    ),
-                }
+            bad = ~np.isfinite(vectors).all(axis=1)
+            if bad.any():
+                raise ValueError(
+                    f"{column}: the model returned non-finite vectors for chunk(s) "
+                    f"{rows.column('chunk_id').filter(pa.array(bad)).to_pylist()[:5]}; "
+                    "nothing of this batch was written"
+                )
+            update = rows.set_column(
+                rows.schema.get_field_index(column),
+                field,
+                pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1]).cast(
+                    field.type
+                ),
             )
-            table.merge_insert("chunk_id").when_matched_update_all().execute(update)
-            result.embedded += rows.num_rows
-            result.tokens += sum(rows.column("token_count").to_pylist())
+            update = update.set_column(
+                update.schema.get_field_index(ROW_VERSION),
+                schema.field(ROW_VERSION),
+                next_row_versions(rows),
+            )
+            merged = (
+                table.merge_insert("chunk_id")
+                .when_matched_update_all(where=ROWS_UNCHANGED)
+                # LanceDB calls a NULL vector "bad"; the other vector columns may hold NULLs.
+                .execute(update, on_bad_vectors="null")
+            )
+            result.embedded += merged.num_updated_rows
+            result.tokens += sum(rows.column("token_count").to_pylist())  # the model's work
             result.batches += 1
+            read = rows.num_rows
+            del rows, update, vectors
+            release_freed_memory()
             elapsed = time.monotonic() - started
             progress(
                 f"{column}: batch {result.batches}, {result.embedded} rows embedded "
-                f"({result.embedded / elapsed:.0f} rows/s), {len(ids) - start - rows.num_rows} "
+                f"({result.embedded / elapsed:.0f} rows/s), {len(ids) - start - read} "
                 "left in this pass"
             )
     result.seconds = time.monotonic() - started

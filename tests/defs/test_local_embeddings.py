@@ -246,6 +246,33 @@ def corpus(tmp_path_factory, fastembed, sentence_transformer):
     return chunks, sentences
 
 
+def test_a_fill_never_undoes_what_the_other_column_s_fill_wrote_meanwhile(
+    corpus, fastembed, sentence_transformer, tmp_path
+):
+    """Fills write whole rows; the run filling the other column commits while this one embeds."""
+    chunks, _ = corpus
+    rows = chunks.search().limit(300).to_arrow().drop_columns([FASTEMBED_COLUMN, ST_COLUMN])
+    uri = str(tmp_path)
+    table = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=rows)
+    table.add_columns(pa.field(FASTEMBED_COLUMN, pa.list_(pa.float32(), 384)))
+    table.add_columns(pa.field(ST_COLUMN, pa.list_(pa.float32(), 384)))
+    beside = lancedb.connect(uri).open_table(CHUNKS_TABLE)  # the other run's own handle
+    calls = []
+
+    def embed_fine(texts, lengths):
+        if not calls:  # while the first batch is being embedded, the coarse fill completes
+            assert fill_nulls(beside, FASTEMBED_COLUMN, fastembed.embed_documents).embedded == 300
+        calls.append(len(texts))
+        return sentence_transformer.embed_documents(texts, lengths)
+
+    result = fill_nulls(table, ST_COLUMN, embed_fine, write_rows=100)
+
+    assert table.count_rows(f"{FASTEMBED_COLUMN} IS NULL OR {ST_COLUMN} IS NULL") == 0
+    assert result.embedded == 300 and result.remaining == 0
+    assert sum(calls) > 300  # the batch read before the coarse fill was skipped and redone
+    assert table.count_rows() == 300
+
+
 @pytest.mark.parametrize("indexed", [False, True])
 def test_coarse_search_returns_exactly_min_k_rows(corpus, fastembed, indexed):
     chunks, sentences = corpus
