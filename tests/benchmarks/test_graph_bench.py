@@ -17,10 +17,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import pytest
 
 from tests.benchmarks.corpus import CACHE_DIR, hash_vector_endpoint, sentences
@@ -86,18 +88,22 @@ class Project:
         }
         cli = str(Path(sys.executable).with_name("retrieval-assets"))
         started = time.monotonic()
-        out = subprocess.run(
+        with subprocess.Popen(
             [sys.executable, "-c", PEAK_RSS, cli, "run"],
             env=env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-        )
+        ) as proc:
+            peaks = ProcessPeaks(proc.pid)
+            stdout, stderr = proc.communicate()
+            peaks.stop()
         wall = time.monotonic() - started
-        assert out.returncode == 0, out.stderr[-3000:]
-        peak_kb = int(out.stdout.split("PEAK_RSS_KB")[-1].split()[0])
-        return {"wall": wall, "peak_rss_mb": peak_kb / 1024, **self.stages()}
+        assert proc.returncode == 0, stderr[-3000:]
+        peak_kb = int(stdout.split("PEAK_RSS_KB")[-1].split()[0])
+        return {"wall": wall, "peak_rss_mb": peak_kb / 1024, **self.stages(peaks.mb)}
 
-    def stages(self) -> dict:
+    def stages(self, peak_mb_by_pid: dict[int, float]) -> dict:
         instance = dg.DagsterInstance.from_config(str(self.root / "home"))
         run = instance.get_runs(limit=1)[0]
         starts, stages = {}, {}
@@ -107,6 +113,8 @@ class Project:
                 continue
             if event.event_type_value == "STEP_START":
                 starts[event.step_key] = entry.timestamp
+                if event.pid in peak_mb_by_pid:  # each step runs in its own process
+                    stages.setdefault(event.step_key, {})["peak_rss_mb"] = peak_mb_by_pid[event.pid]
             elif event.event_type_value == "STEP_SUCCESS":
                 stages.setdefault(event.step_key, {})["seconds"] = (
                     entry.timestamp - starts[event.step_key]
@@ -119,15 +127,49 @@ class Project:
         return {"stages": stages}
 
 
+class ProcessPeaks:
+    """The peak RSS (the kernel's high-water mark, VmHWM) of every process under `root`,
+    read every 100 ms until stop()."""
+
+    def __init__(self, root: int) -> None:
+        self.mb: dict[int, float] = {}
+        self._root = psutil.Process(root)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.1):
+            try:
+                processes = self._root.children(recursive=True)
+            except psutil.Error:
+                return
+            for process in processes:
+                try:
+                    status = Path(f"/proc/{process.pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        mb = int(line.split()[1]) / 1024
+                        self.mb[process.pid] = max(self.mb.get(process.pid, 0.0), mb)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def stage_rows(result: dict) -> list[str]:
-    """One line per step: step wall time (model load included), rows, the fill's own rate."""
+    """One line per step: step wall time (model load included), the step process's peak RSS,
+    rows, the fill's own rate."""
     rows = []
     for step, m in sorted(result["stages"].items()):
         done = m.get("rows_embedded", m.get("chunks_added", m.get("rows_inserted", 0)))
         rate = f"{m['rows_per_second']:,.0f} rows/s" if m.get("rows_per_second") else ""
         tokens = f"{m['tokens_per_second']:,.0f} tokens/s" if m.get("tokens_per_second") else ""
+        peak = f"{m['peak_rss_mb']:,.0f} MB" if m.get("peak_rss_mb") else ""
         rows.append(
-            f"    {step[:44]:<44} {m.get('seconds', 0.0):7.1f} s {done:>8} {rate:>13} "
+            f"    {step[:44]:<44} {m.get('seconds', 0.0):7.1f} s {peak:>9} {done:>8} {rate:>13} "
             f"{tokens:>16}  {m.get('model', '')}"
         )
     return rows
