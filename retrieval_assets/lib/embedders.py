@@ -99,14 +99,42 @@ class QueryCache:
         }
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Index batches grouping similar lengths, so a batch pads to little more than its texts."""
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def length_sorted_batches(
+    lengths: Sequence[int], batch_size: int, reference_length: int | None = None
+) -> list[np.ndarray]:
+    """Index batches grouping similar lengths, so a batch pads to little more than its texts.
+
+    With `reference_length`, a batch of longer texts holds fewer of them: texts x (longest
+    length)^2 stays within batch_size x reference_length^2, the size of the attention matrices
+    a batch needs. The memory of the largest batch then no longer grows with the longest text in
+    the corpus (a larger corpus has a longer tail).
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(lengths, kind="stable")
+    if reference_length is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * reference_length**2
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while (
+            end < len(order)
+            and end - start < batch_size
+            and (end - start + 1) * int(lengths[order[end]]) ** 2 <= budget
+        ):
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 class _Embedder(dg.ConfigurableResource):
     batch_size: int = Field(default=32, description="Texts per model call.")
+    reference_tokens: int = Field(
+        default=96,
+        description="Batches of texts longer than this many tokens hold proportionally fewer "
+        "texts (texts x length^2 <= batch_size x this^2), so a batch's memory is bounded.",
+    )
 
     _query_cache: QueryCache | None = PrivateAttr(default=None)
     _load_lock: Any = PrivateAttr(default_factory=threading.RLock)  # load() may re-enter via dims
@@ -127,11 +155,13 @@ class _Embedder(dg.ConfigurableResource):
     ) -> np.ndarray:
         """L2-normalised float32 vectors, one per text, in input order.
 
-        Texts are embedded in batches of similar length (`lengths`, e.g. token counts; character
-        counts when absent) so that little of each batch is padding.
+        Texts are embedded in batches of similar length (`lengths`: token counts; estimated as
+        characters / 4 when absent) so that little of each batch is padding, and batches of long
+        texts hold fewer of them (`reference_tokens`).
         """
         out = np.empty((len(texts), self.dims), dtype=np.float32)
-        for idx in length_sorted_batches(lengths or [len(t) for t in texts], self.batch_size):
+        tokens = lengths or [len(t) // 4 + 1 for t in texts]
+        for idx in length_sorted_batches(tokens, self.batch_size, self.reference_tokens):
             out[idx] = self._encode([texts[i] for i in idx])
         return out
 

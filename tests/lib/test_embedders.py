@@ -45,6 +45,18 @@ def test_length_sorted_batches_group_similar_lengths():
     assert [sorted(b.tolist()) for b in batches] == [[0, 2, 4], [1, 3, 5]]
 
 
+def test_batches_of_long_texts_hold_fewer_so_their_attention_memory_is_bounded():
+    lengths = [10] * 40 + [64] * 20 + [200] * 6 + [1000]
+    batches = length_sorted_batches(lengths, batch_size=16, reference_length=64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 16
+        assert len(batch) == 1 or len(batch) * longest**2 <= 16 * 64**2
+    assert [len(b) for b in batches][:4] == [16, 16, 16, 12]  # short texts: full batches
+    assert max(len(b) for b in batches if lengths[b[0]] == 200) == 1
+
+
 def test_query_cache_hits_misses_and_evicts_least_recent(fastembed):
     calls: list[str] = []
 
