@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from retrieval_assets.lib.lancedb_store import quote_literal
+from retrieval_assets.lib.lancedb_store import quote_ids, quote_literal
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
 
 COARSE_TOP_K = 100
@@ -173,10 +173,9 @@ def _rows_by_id(table: Any, row_ids: list[int], chunk_ids: list[str]) -> dict[st
         found = []
     by_id = {r["chunk_id"]: r for r in found}
     if set(by_id) != set(chunk_ids):
-        listed = ", ".join(quote_literal(c) for c in chunk_ids)
         found = (
             table.search()
-            .where(f"chunk_id IN ({listed})")
+            .where(f"chunk_id IN ({quote_ids(chunk_ids)})")
             .select(RESULT_COLUMNS)
             .limit(len(chunk_ids))
             .to_arrow()

@@ -19,7 +19,7 @@ from retrieval_assets.defs.local_embeddings.assets import (
 )
 from retrieval_assets.defs.local_embeddings.checks import local_vector_checks
 from retrieval_assets.lib.embedders import SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, quote_literal
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, quote_ids
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import _rows_by_id, coarse_search, search
@@ -335,7 +335,7 @@ def test_search_returns_the_right_rows_when_the_table_is_compacted_between_its_r
     )
     ids = first.column("chunk_id").to_pylist()
     # Deleting most other rows makes compaction rewrite the fragment: the old row ids are stale.
-    copy.delete(f"chunk_id NOT IN ({', '.join(quote_literal(i) for i in ids)})")
+    copy.delete(f"chunk_id NOT IN ({quote_ids(ids)})")
     copy.optimize(cleanup_older_than=timedelta(0))
     stale = copy.take_row_ids(first.column("_rowid").to_pylist()).select(["chunk_id"]).to_arrow()
     assert stale.column("chunk_id").to_pylist() != ids  # the case the fallback is for
