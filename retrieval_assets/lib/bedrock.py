@@ -12,7 +12,6 @@ endpoint in-process and labels every vector as coming from it.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import Any
 
 import dagster as dg
 import numpy as np
+import orjson
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr, field_validator
 
@@ -85,7 +85,10 @@ class BedrockResource(ResourceWithBoto3Configuration):
         default=DEFAULT_FASTEMBED_MODEL, description="Model behind the local endpoint's vectors."
     )
     data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Model exports live here.")
-    local_latency_ms: float = Field(default=0.0, description="Local endpoint: added latency.")
+    local_latency_ms: float = Field(
+        default=0.0,
+        description="Local endpoint: milliseconds to answer each call, its own work included.",
+    )
     local_throttle_rate: float = Field(default=0.0, description="Local endpoint: 429 rate.")
     local_error_rate: float = Field(default=0.0, description="Local endpoint: 5xx rate.")
     local_timeout_rate: float = Field(default=0.0, description="Local endpoint: timeout rate.")
@@ -220,7 +223,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
     def _invoke(self, text: str) -> np.ndarray:
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-        body = json.dumps(
+        body = orjson.dumps(
             {"inputText": text, "dimensions": self.dimensions, "normalize": self.normalize}
         )
         try:
@@ -238,7 +241,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
             ) from exc
         except (HTTPClientError, ConnectionError) as exc:  # timeouts, resets, refused
             raise BedrockError(f"{type(exc).__name__}: {exc}", None, True) from exc
-        vector = np.asarray(json.loads(response["body"].read())["embedding"], dtype=np.float32)
+        vector = np.asarray(orjson.loads(response["body"].read())["embedding"], dtype=np.float32)
         if vector.shape != (self.dimensions,):
             raise BedrockError(
                 f"expected {self.dimensions} dimensions, got {vector.shape}", None, False

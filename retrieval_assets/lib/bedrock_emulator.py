@@ -7,14 +7,13 @@ tokens) and answers with vectors derived from a local embedding model, mapped to
 size by a fixed orthonormal matrix — for 512 and 1024 dimensions that map preserves cosine
 similarity exactly, so search over the vectors means something.
 
-For tests and benchmarks it adds latency and injects throttling (429), server errors (500/503)
-and timeouts at configured rates.
+For tests and benchmarks it answers after a configured latency (its own work included) and
+injects throttling (429), server errors (500/503) and timeouts at configured rates.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import threading
 import time
@@ -24,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 import numpy as np
+import orjson
 
 from retrieval_assets.lib.schema import TITAN_DIMENSIONS, TITAN_MODEL_ID
 
@@ -36,6 +36,7 @@ _PROJECTION_SEED = 20_240_430
 class Faults:
     """Fault injection for the local endpoint; all rates are per request, in [0, 1]."""
 
+    # The time the endpoint takes to answer, its own work included (as a Bedrock model's latency).
     latency_ms: float = 0.0
     throttle_rate: float = 0.0
     error_rate: float = 0.0
@@ -161,6 +162,7 @@ class LocalBedrock:
             # Headers and body leave in two writes; with Nagle's algorithm the body waits for
             # the client's delayed ACK (~40 ms a call).
             disable_nagle_algorithm = True
+            answer_at = 0.0  # perf_counter() before which no answer leaves (Faults.latency_ms)
 
             def log_message(self, *args) -> None:  # quiet: the client logs what matters
                 return
@@ -172,7 +174,7 @@ class LocalBedrock:
                 error_type: str | None = None,
                 headers: dict[str, str] | None = None,
             ) -> None:
-                payload = json.dumps(body).encode()
+                payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -181,6 +183,8 @@ class LocalBedrock:
                     self.send_header("x-amzn-ErrorType", f"{error_type}:http://internal/")
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
+                if (wait := self.answer_at - time.perf_counter()) > 0:
+                    time.sleep(wait)
                 self.end_headers()
                 self.wfile.write(payload)
 
@@ -190,6 +194,7 @@ class LocalBedrock:
 
             def do_POST(self) -> None:
                 endpoint._count("requests")
+                arrived = time.perf_counter()
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 parts = self.path.split("/")
                 if len(parts) != 4 or parts[1] != "model" or parts[3] != "invoke":
@@ -201,8 +206,7 @@ class LocalBedrock:
                         400, "ValidationException", "The provided model identifier is invalid."
                     )
                 faults = endpoint.faults
-                if faults.latency_ms:
-                    time.sleep(faults.latency_ms / 1000)
+                self.answer_at = arrived + faults.latency_ms / 1000
                 draw = endpoint._draw()
                 if draw < faults.throttle_rate:
                     endpoint._count("throttled")
@@ -228,7 +232,7 @@ class LocalBedrock:
                         408, {"message": "Model has timed out"}, "ModelTimeoutException"
                     )
                 try:
-                    request = json.loads(body)
+                    request = orjson.loads(body)
                     text = request["inputText"]
                     dims = request.get("dimensions", 1024)
                     normalize = request.get("normalize", True)
@@ -268,7 +272,9 @@ class LocalBedrock:
                         f"token count: {tokens}",
                     )
                 try:
-                    vector = endpoint.vectors.vector(text, dims, normalize).tolist()
+                    vector = np.ascontiguousarray(
+                        endpoint.vectors.vector(text, dims, normalize), dtype=np.float32
+                    )
                 except Exception as exc:  # the model failed: answer like Bedrock, not hang up
                     endpoint._count("errors")
                     return self._send(

@@ -218,8 +218,11 @@ def test_match_at_250k_rows(bench_db, corpus):
 
 
 def test_bedrock_client_throughput_at_50ms():
-    """The client against an endpoint in its own process (as Bedrock is), 50 ms per call."""
-    concurrency, latency_s, texts = 16, 0.05, 800
+    """The client against an endpoint in its own process (as Bedrock is) that answers each call
+    in 50 ms; three rounds, since one round of a few seconds on 2 shared cores is noisy."""
+    concurrency, latency_s, texts, rounds = 16, 0.05, 800, 5
+    ideal = concurrency / latency_s
+    fractions = []
     with hash_vector_endpoint(latency_s * 1000) as url:
         bedrock = BedrockResource(
             endpoint_url=url,
@@ -228,19 +231,21 @@ def test_bedrock_client_throughput_at_50ms():
             region_name="us-east-1",
             max_concurrency=concurrency,
         )
-        bedrock.embed_many(["warm-up"] * concurrency)
-        started = time.perf_counter()
-        results = bedrock.embed_many([f"text {i}" for i in range(texts)])
-        elapsed = time.perf_counter() - started
-    assert all(r.vector is not None for r in results)
-    ideal = concurrency / latency_s
+        bedrock.embed_many(["warm-up"] * concurrency * 10)  # every pooled connection open
+        for round_ in range(rounds):
+            started = time.perf_counter()
+            results = bedrock.embed_many([f"text {round_} {i}" for i in range(texts)])
+            fractions.append(texts / (time.perf_counter() - started) / ideal)
+            assert all(r.vector is not None for r in results)
+    median = float(np.median(fractions))
     report(
         "Bedrock client against the local endpoint (own process, 50 ms per call)",
         [
             (
                 "throughput",
-                f"{texts / elapsed:,.0f} calls/s with {concurrency} in flight; ideal "
-                f"{ideal:,.0f}/s -> {texts / elapsed / ideal:.2f} of concurrency/latency "
+                f"{median * ideal:,.0f} calls/s with {concurrency} in flight; ideal "
+                f"{ideal:,.0f}/s -> {median:.2f} of concurrency/latency, median of {rounds} "
+                f"rounds of {texts} ({', '.join(f'{f:.2f}' for f in fractions)}) "
                 "(target >= 0.9)",
             ),
         ],

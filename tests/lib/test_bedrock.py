@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from retrieval_assets.lib.bedrock import BedrockResource
-from retrieval_assets.lib.bedrock_emulator import LocalBedrock, TitanVectors, projection
+from retrieval_assets.lib.bedrock_emulator import Faults, LocalBedrock, TitanVectors, projection
 
 
 @pytest.mark.parametrize("bad", [768, 0, 1536, "abc", None])
@@ -111,3 +111,30 @@ def test_unsigned_requests_are_refused():
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=5)
         assert error.value.code == 403
+
+
+def test_the_endpoint_answers_after_its_latency_with_its_own_work_inside_it():
+    """`latency_ms` is the time to answer (as a Bedrock model's latency), not a sleep on top of
+    the endpoint's own work: calls take at least that long, and not much longer."""
+    import time
+    import urllib.request
+
+    def embed(texts):  # a model that takes 30 ms of the endpoint's 80
+        time.sleep(0.03)
+        return np.ones((len(texts), 384), dtype=np.float32)
+
+    with LocalBedrock(TitanVectors(embed), Faults(latency_ms=80)) as endpoint:
+        request = urllib.request.Request(
+            f"{endpoint.url}/model/amazon.titan-embed-text-v2:0/invoke",
+            data=b'{"inputText": "x", "dimensions": 256}',
+            headers={"Authorization": "AWS4-HMAC-SHA256 test"},
+            method="POST",
+        )
+        took = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=5) as response:
+                assert len(json.loads(response.read())["embedding"]) == 256
+            took.append(time.perf_counter() - started)
+    assert min(took) >= 0.080
+    assert min(took) < 0.080 + 0.025  # a sleep added after the 30 ms of work would give 110 ms
