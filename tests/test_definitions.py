@@ -95,3 +95,19 @@ def test_automation_inventory():
     for key in graph.get_all_asset_keys():
         if key.to_user_string() != "postgres/conversations":  # ingestion runs on its schedule
             assert graph.get(key).automation_condition is not None, key
+
+
+def test_each_asset_can_be_materialized_alone_with_its_checks():
+    """Selecting one asset (as the UI's Materialize and `dagster asset materialize` do) selects
+    its checks too; a multi-asset check that cannot be subset would refuse to build the job."""
+    keys = defs().resolve_asset_graph().get_all_asset_keys()
+    jobs = [
+        dg.define_asset_job(
+            f"only_{key.to_python_identifier()}",
+            selection=dg.AssetSelection.assets(key).required_multi_asset_neighbors(),
+        )
+        for key in keys
+    ]
+    loaded = dg.Definitions.merge(defs(), dg.Definitions(jobs=jobs))
+    for job in jobs:
+        assert loaded.resolve_job_def(job.name).asset_layer.asset_graph is not None, job.name

@@ -49,20 +49,33 @@ COLUMNS = {FASTEMBED_VECTORS: FASTEMBED_COLUMN, ST_VECTORS: ST_COLUMN}
             ),
         )
     ],
+    # Materializing one vector asset runs its checks only (the UI and CLI select them with it).
+    can_subset=True,
 )
 def local_vector_checks(
-    postgres: PostgresResource, lancedb: LanceDBResource
+    context: dg.AssetCheckExecutionContext, postgres: PostgresResource, lancedb: LanceDBResource
 ) -> Iterator[dg.AssetCheckResult]:
+    selected = context.selected_asset_check_keys
+    columns = {k: c for k, c in COLUMNS.items() if any(s.asset_key == k for s in selected)}
     with postgres.get_connection() as conn, lancedb.get_connection() as db:
         # Maintenance may compact the table while these read it: read the latest version.
         results, _ = on_latest_version(
-            lambda: lancedb.chunks_table(db), lambda table: list(_column_checks(table, conn))
+            lambda: lancedb.chunks_table(db),
+            lambda table: list(_column_checks(table, conn, columns)),
         )
-    yield from results
+    yield from only_selected(context, results)
 
 
-def _column_checks(table, conn) -> Iterator[dg.AssetCheckResult]:
-    for key, column in COLUMNS.items():
+def only_selected(
+    context: dg.AssetCheckExecutionContext, results: list[dg.AssetCheckResult]
+) -> Iterator[dg.AssetCheckResult]:
+    """The results of the checks this run selected (a subsettable multi-check yields no other)."""
+    selected = context.selected_asset_check_keys
+    return (r for r in results if dg.AssetCheckKey(r.asset_key, r.check_name) in selected)
+
+
+def _column_checks(table, conn, columns: dict[dg.AssetKey, str]) -> Iterator[dg.AssetCheckResult]:
+    for key, column in columns.items():
         stored = column_dims(table, column)
         nulls = table.count_rows(f"{column} IS NULL") if stored else table.count_rows()
         yield null_backlog_result(key, nulls)

@@ -12,6 +12,7 @@ from retrieval_assets.defs.local_embeddings.checks import (
     NULL_BACKLOG_WARN_ROWS,
     UNIT_NORMS,
     null_backlog_result,
+    only_selected,
     unit_norms_result,
 )
 from retrieval_assets.defs.titan_embeddings.assets import TITAN_EMBEDDINGS
@@ -48,8 +49,15 @@ NO_QUARANTINE = "no_quarantined_rows"
             "(replay with `retrieval-assets replay-quarantine`).",
         ),
     ],
+    can_subset=True,
 )
 def titan_checks(
+    context: dg.AssetCheckExecutionContext, postgres: PostgresResource, bedrock: BedrockResource
+) -> Iterator[dg.AssetCheckResult]:
+    yield from only_selected(context, list(_titan_checks(postgres, bedrock)))
+
+
+def _titan_checks(
     postgres: PostgresResource, bedrock: BedrockResource
 ) -> Iterator[dg.AssetCheckResult]:
     with postgres.get_connection() as conn:
