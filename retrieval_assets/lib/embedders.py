@@ -30,7 +30,7 @@ import dagster as dg
 import numpy as np
 from pydantic import Field, PrivateAttr
 
-from retrieval_assets.lib.memory import limit_malloc_arenas
+from retrieval_assets.lib.memory import tune_malloc
 from retrieval_assets.lib.models import (
     DEFAULT_FASTEMBED_MODEL,
     DEFAULT_ST_MODEL,
@@ -199,7 +199,7 @@ class FastEmbedResource(_Embedder):
             if self._model is not None:
                 return
             started = time.monotonic()
-            limit_malloc_arenas()  # before ONNX Runtime's threads start
+            tune_malloc()  # before ONNX Runtime's threads start
             model = _load_fastembed(self.model, Path(self.data_dir), self.threads)
             self._dims = len(next(iter(model.embed(["dimension probe"]))))
             self._model = model
@@ -246,7 +246,7 @@ class SentenceTransformerResource(_Embedder):
 
     def load(self) -> None:
         with self._load_lock:
-            limit_malloc_arenas()  # before PyTorch's threads start
+            tune_malloc()  # before PyTorch's threads start
             self._load()
 
     @property

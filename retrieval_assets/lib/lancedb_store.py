@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import dagster as dg
 from pydantic import Field
 
-from retrieval_assets.lib.memory import limit_malloc_arenas
+from retrieval_assets.lib.memory import tune_malloc
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class LanceDBResource(dg.ConfigurableResource):
     def get_connection(self) -> Iterator[lancedb.DBConnection]:
         import lancedb
 
-        limit_malloc_arenas()  # before LanceDB's threads start
+        tune_malloc()  # before LanceDB's threads start
         yield lancedb.connect(self.location, storage_options=self.storage_options or None)
 
     @property

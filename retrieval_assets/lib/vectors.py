@@ -174,13 +174,16 @@ def fill_nulls(
         field = schema.field(column)
         for start in range(0, len(ids), write_rows):
             batch = ids[start : start + write_rows]
+            # Filtered by id only, then by NULL here: a `column IS NULL` filter reads that column
+            # for every row of the table, and its memory grew as the column filled.
             rows = (
                 table.search()
-                .where(f"{column} IS NULL AND chunk_id IN ({quote_ids(batch)})")
+                .where(f"chunk_id IN ({quote_ids(batch)})")
                 .select(schema.names)
                 .limit(None)
                 .to_arrow()
             )
+            rows = rows.filter(rows.column(column).is_null())
             if rows.num_rows == 0:  # deleted, or filled by another run, since the scan
                 continue
             vectors = embed(
