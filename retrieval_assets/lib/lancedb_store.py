@@ -107,18 +107,28 @@ class LanceDBResource(dg.ConfigurableResource):
 ROW_VERSION = "row_version"
 
 
-def ensure_row_version(table: Any) -> None:
-    """Add the row-version column to a table that predates it (all NULL: no rewrite)."""
+def ensure_row_version(table: Any, attempts: int = 8) -> None:
+    """Add the row-version column to a table that predates it (all NULL: no rewrite).
+
+    Both vector fills start together on a fresh table: another writer's commit (its vector
+    column, this column, a merge) may land first. Then look again on the latest version, and add
+    the column there if it is still missing.
+    """
     import pyarrow as pa
 
-    if ROW_VERSION in table.schema.names:
-        return
-    try:
-        table.add_columns(pa.field(ROW_VERSION, pa.int64()))
-    except (ValueError, RuntimeError, OSError):  # another process may have added it first
-        table.checkout_latest()
-        if ROW_VERSION not in table.schema.names:
-            raise
+    for attempt in range(attempts):
+        if ROW_VERSION in table.schema.names:
+            return
+        try:
+            table.add_columns(pa.field(ROW_VERSION, pa.int64()))
+            return
+        except (ValueError, RuntimeError, OSError) as exc:
+            table.checkout_latest()
+            if ROW_VERSION in table.schema.names:  # the other writer added it
+                return
+            if not _stale_table(str(exc).lower()) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def next_row_versions(rows: pa.Table) -> pa.Array:
