@@ -174,8 +174,8 @@ def fill_nulls(
         field = schema.field(column)
         for start in range(0, len(ids), write_rows):
             batch = ids[start : start + write_rows]
-            # Filtered by id only, then by NULL here: a `column IS NULL` filter reads that column
-            # for every row of the table, and its memory grew as the column filled.
+            # Filtered by id only, then for NULL here: the scan then filters on the id column
+            # alone and reads the vector columns only for the rows it returns.
             rows = (
                 table.search()
                 .where(f"chunk_id IN ({quote_ids(batch)})")
