@@ -107,28 +107,30 @@ class LanceDBResource(dg.ConfigurableResource):
 ROW_VERSION = "row_version"
 
 
-def ensure_row_version(table: Any, attempts: int = 8) -> None:
+def ensure_row_version(table: Any) -> None:
     """Add the row-version column to a table that predates it (all NULL: no rewrite).
 
     Both vector fills start together on a fresh table: another writer's commit (its vector
-    column, this column, a merge) may land first. Then look again on the latest version, and add
-    the column there if it is still missing.
+    column, this column, a merge) may land first. on_latest_version then looks again on the
+    latest version of `table` and adds the column there if it is still missing.
     """
     import pyarrow as pa
 
-    for attempt in range(attempts):
-        if ROW_VERSION in table.schema.names:
+    def add_if_missing(latest: Any) -> None:
+        if ROW_VERSION in latest.schema.names:
             return
         try:
-            table.add_columns(pa.field(ROW_VERSION, pa.int64()))
-            return
-        except (ValueError, RuntimeError, OSError) as exc:
-            table.checkout_latest()
-            if ROW_VERSION in table.schema.names:  # the other writer added it
-                return
-            if not _stale_table(str(exc).lower()) or attempt == attempts - 1:
+            latest.add_columns(pa.field(ROW_VERSION, pa.int64()))
+        except ValueError:  # another process added it between the look and the commit
+            latest.checkout_latest()
+            if ROW_VERSION not in latest.schema.names:
                 raise
-            time.sleep(0.05 * 2**attempt)
+
+    def latest() -> Any:
+        table.checkout_latest()
+        return table
+
+    on_latest_version(latest, add_if_missing)
 
 
 def next_row_versions(rows: pa.Table) -> pa.Array:
