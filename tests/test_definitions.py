@@ -111,3 +111,23 @@ def test_each_asset_can_be_materialized_alone_with_its_checks():
     loaded = dg.Definitions.merge(defs(), dg.Definitions(jobs=jobs))
     for job in jobs:
         assert loaded.resolve_job_def(job.name).asset_layer.asset_graph is not None, job.name
+
+
+def test_steps_that_run_a_model_over_the_corpus_declare_their_pool():
+    """The pools in dagster.yaml cap these steps across all runs: Bedrock calls by the quota,
+    local model fills at one at a time (each already uses every core)."""
+    expected = {
+        "lancedb__fastembed_vectors": "local_models",
+        "lancedb__sentence_transformer_vectors": "local_models",
+        "fill_fastembed_shard": "local_models",
+        "fill_sentence_transformer_shard": "local_models",
+        "postgres__titan_embeddings": "bedrock",
+        "fill_titan_shard": "bedrock",
+    }
+    pools = {
+        node.name: node.pool
+        for job in defs().resolve_all_job_defs()
+        for node in job.all_node_defs
+        if node.name in expected
+    }
+    assert pools == expected

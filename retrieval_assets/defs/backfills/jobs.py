@@ -12,6 +12,7 @@ import dagster as dg
 
 from retrieval_assets.defs.local_embeddings.assets import (
     FASTEMBED_VECTORS,
+    LOCAL_MODELS_POOL,
     ST_VECTORS,
     fill_column,
 )
@@ -43,6 +44,7 @@ def _lancedb_backfill(
     @dg.op(
         name=f"fill_{name}_shard",
         required_resource_keys={"postgres", "lancedb", model_key},
+        pool=LOCAL_MODELS_POOL,
         description=f"Embed the NULL `{column}` rows of one shard with the {model_key} model.",
     )
     def fill_shard(context: dg.OpExecutionContext) -> None:

@@ -29,6 +29,11 @@ from retrieval_assets.lib.vectors import (
 FASTEMBED_VECTORS = dg.AssetKey(["lancedb", "fastembed_vectors"])
 ST_VECTORS = dg.AssetKey(["lancedb", "sentence_transformer_vectors"])
 GROUP = "local_embeddings"
+# Steps that run a local model over the corpus (both column assets and their shard backfills)
+# share one pool, limit 1 by default (dagster.yaml): on CPU each model's thread pool already takes
+# every core, and two fills at once also collide on the same table (each skips the rows the other
+# rewrote meanwhile, and redoes them later).
+LOCAL_MODELS_POOL = "local_models"
 
 
 class ColumnNotMigrated(RuntimeError):
@@ -109,6 +114,7 @@ def fill_column(
     key=FASTEMBED_VECTORS,
     deps=[LANCEDB_CHUNKS],
     group_name=GROUP,
+    pool=LOCAL_MODELS_POOL,
     kinds={"lancedb", "onnx"},
     owners=["team:data-platform"],
     code_version="1",
@@ -131,6 +137,7 @@ def fastembed_vectors(
     key=ST_VECTORS,
     deps=[LANCEDB_CHUNKS],
     group_name=GROUP,
+    pool=LOCAL_MODELS_POOL,
     kinds={"lancedb", "pytorch"},
     owners=["team:data-platform"],
     code_version="1",
