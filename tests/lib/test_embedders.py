@@ -90,6 +90,18 @@ def test_resource_query_embeddings_go_through_the_cache(fastembed):
     assert after["query_cache_hits"] - before["query_cache_hits"] >= 1
 
 
+def test_queries_run_on_single_thread_sessions_that_give_the_bulk_vectors(
+    fastembed, sentence_transformer
+):
+    query = "a query embedded on one thread"
+    coarse, fine = fastembed.embed_query(query), sentence_transformer.embed_query(query)
+    for resource, vector in ((fastembed, coarse), (sentence_transformer, fine)):
+        assert resource._query_model is not resource._model
+        session = resource._query_model.model.model  # FastEmbed's ONNX Runtime session
+        assert session.get_session_options().intra_op_num_threads == 1
+        assert float(np.dot(vector, resource._encode([query])[0])) > 0.9999
+
+
 def test_a_model_that_is_not_available_offline_says_what_is_missing():
     with pytest.raises(ModelNotAvailable, match=r"not available offline.*Hugging Face cache"):
         SentenceTransformerResource(model="intfloat/e5-large-v2").load()
