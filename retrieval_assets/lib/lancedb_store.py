@@ -174,11 +174,27 @@ def rows_to_arrow(rows: Iterable[tuple]) -> pa.Table:
 def insert_missing(table: Any, batch: pa.Table) -> None:
     """Insert rows whose chunk_id is not in the table yet; existing rows (and vectors) stay.
 
-    The batch carries only the chunk columns: vector columns the table has grown are left NULL
-    (LanceDB rejects explicit all-null vectors as malformed).
+    The batch is widened to the table's whole schema first, with NULL in the columns it lacks (the
+    vector columns, the row version): LanceDB joins a merge that carries only some columns by
+    holding every row of the table in memory (lance-format/lance#7630); inserting 1,000 chunks
+    into a 100,000-row table so peaked at 821 MB. LanceDB calls a NULL vector "bad", hence
+    on_bad_vectors="null".
     """
-    if batch.num_rows:
-        table.merge_insert("chunk_id").when_not_matched_insert_all().execute(batch)
+    import pyarrow as pa
+
+    if not batch.num_rows:
+        return
+    schema = table.schema
+    whole = pa.table(
+        [
+            batch.column(f.name) if f.name in batch.schema.names else pa.nulls(len(batch), f.type)
+            for f in schema
+        ],
+        schema=schema,
+    )
+    table.merge_insert("chunk_id").when_not_matched_insert_all().execute(
+        whole, on_bad_vectors="null"
+    )
 
 
 def quote_ids(ids: Iterable[str]) -> str:
