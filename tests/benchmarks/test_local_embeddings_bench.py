@@ -32,6 +32,7 @@ pytestmark = pytest.mark.benchmark
 ROWS = 250_000
 QUERIES = 200
 BULK_TEXTS = 1_000
+WARM_UP = 10
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,17 @@ def test_embedding_speed(models):
     lengths = [len(tokenizer.encode(t, add_special_tokens=False).ids) for t in texts]
     tokens = sum(lengths)
 
-    singles = []
-    for query in pool[:QUERIES]:
-        started = time.perf_counter()
-        fastembed._encode([query])  # the model call behind a query-cache miss
-        singles.append((time.perf_counter() - started) * 1000)
-    p50, p99 = percentiles(singles)
+    def single_query_ms(embed) -> tuple[float, float]:
+        embed(pool[0])  # loads the session
+        samples = []
+        for query in pool[:QUERIES]:
+            started = time.perf_counter()
+            embed(query)
+            samples.append((time.perf_counter() - started) * 1000)
+        return percentiles(samples)
+
+    p50, p99 = single_query_ms(fastembed._encode_query)  # the model call behind a cache miss
+    all_cores = single_query_ms(lambda q: fastembed._encode([q]))  # the bulk session
 
     def timed(fn) -> float:
         started = time.perf_counter()
@@ -98,7 +104,12 @@ def test_embedding_speed(models):
         "FastEmbed (all-MiniLM-L6-v2, ONNX) on real-length chat text",
         [
             ("texts / tokens", f"{len(texts):,} / {tokens:,} (mean {mean_len:.0f} tokens)"),
-            ("single query p50 / p99", f"{p50:.2f} ms / {p99:.2f} ms   (target p50 <= 5 ms)"),
+            (
+                "single query p50 / p99",
+                f"{p50:.2f} ms / {p99:.2f} ms on the query session ({fastembed.query_threads} "
+                f"thread), {all_cores[0]:.2f} / {all_cores[1]:.2f} ms on the bulk session "
+                "(all cores)   (target p50 <= 5 ms)",
+            ),
             (
                 "bulk, this project",
                 f"{len(texts) / ours:,.0f} texts/s, {tokens / ours:,.0f} tokens/s",
@@ -156,6 +167,8 @@ def build_table(uri, rows, fe, st):
 
 
 def measure(queries: np.ndarray, truth: list[set[str]], fn) -> tuple[float, float, float]:
+    for q in queries[:WARM_UP]:  # a serving process queries a loaded index; the first do not
+        fn(q)
     latencies, recalls = [], []
     for q, expected in zip(queries, truth, strict=True):
         started = time.perf_counter()
@@ -215,6 +228,8 @@ def test_coarse_search_at_250k_rows(models, tmp_path):
             )
         )
 
+    for text in query_texts[:WARM_UP]:  # loads the query sessions
+        search(table, fastembed, sentence_transformer, text, k=10)
     two_stage = []
     for text in query_texts:
         fastembed.query_cache.clear()
