@@ -144,6 +144,7 @@ class _Embedder(dg.ConfigurableResource):
     )
 
     _query_cache: QueryCache | None = PrivateAttr(default=None)
+    _query_model: Any = PrivateAttr(default=None)  # None: not loaded yet; False: use _encode
     _load_lock: Any = PrivateAttr(default_factory=threading.RLock)  # load() may re-enter via dims
 
     @property
@@ -182,7 +183,17 @@ class _Embedder(dg.ConfigurableResource):
         return self._query_cache
 
     def _encode_query(self, text: str) -> np.ndarray:
-        return self._encode([text])[0]
+        """One query through the model `_load_query_model` gives, loaded on first use."""
+        with self._load_lock:
+            if self._query_model is None:
+                self._query_model = self._load_query_model() or False
+        if self._query_model is False:
+            return self._encode([text])[0]
+        return np.asarray(next(iter(self._query_model.embed([text]))), dtype=np.float32)
+
+    def _load_query_model(self) -> Any:
+        """A FastEmbed model for single queries, or None to embed them like documents."""
+        return None
 
 
 class FastEmbedResource(_Embedder):
@@ -202,7 +213,6 @@ class FastEmbedResource(_Embedder):
     batch_size: int = Field(default=16, description="Texts per ONNX Runtime call.")
 
     _model: Any = PrivateAttr(default=None)
-    _query_model: Any = PrivateAttr(default=None)
     _dims: int | None = PrivateAttr(default=None)
 
     def load(self) -> None:
@@ -232,19 +242,13 @@ class FastEmbedResource(_Embedder):
         self.load()
         return np.asarray(list(self._model.embed(texts, batch_size=len(texts))), dtype=np.float32)
 
-    def _encode_query(self, text: str) -> np.ndarray:
-        """Through a session with `query_threads` (the bulk model itself when they agree)."""
-        with self._load_lock:
-            if self._query_model is None:
-                if self.query_threads == self.threads:
-                    self.load()
-                    self._query_model = self._model
-                else:
-                    tune_malloc()
-                    self._query_model = _load_fastembed(
-                        self.model, Path(self.data_dir), self.query_threads
-                    )
-        return np.asarray(next(iter(self._query_model.embed([text]))), dtype=np.float32)
+    def _load_query_model(self) -> Any:
+        """A session with `query_threads` (the bulk model itself when they agree)."""
+        if self.query_threads == self.threads:
+            self.load()
+            return self._model
+        tune_malloc()  # before ONNX Runtime's threads start
+        return _load_fastembed(self.model, Path(self.data_dir), self.query_threads)
 
 
 class SentenceTransformerResource(_Embedder):
@@ -267,22 +271,13 @@ class SentenceTransformerResource(_Embedder):
     )
 
     _model: Any = PrivateAttr(default=None)
-    _query_model: Any = PrivateAttr(default=None)
 
     def load(self) -> None:
         with self._load_lock:
             tune_malloc()  # before PyTorch's threads start
             self._load()
 
-    def _encode_query(self, text: str) -> np.ndarray:
-        with self._load_lock:
-            if self._query_model is None:
-                self._query_model = self._onnx_query_model() or False
-        if self._query_model is False:
-            return self._encode([text])[0]
-        return np.asarray(next(iter(self._query_model.embed([text]))), dtype=np.float32)
-
-    def _onnx_query_model(self) -> Any:
+    def _load_query_model(self) -> Any:
         """FastEmbed over this model's ONNX export, if it computes the same vectors."""
         if not self.onnx_queries:
             return None
