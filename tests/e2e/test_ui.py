@@ -9,6 +9,7 @@ Screenshots land in test-artifacts/ui/. Chromium is Debian's (/usr/bin/chromium,
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -140,6 +141,53 @@ def open_page(page, server: Server, path: str) -> None:
         pass
 
 
+SENSOR_TICKS = """
+query ($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    __typename
+    ... on Sensor {
+      sensorState {
+        status
+        ticks(limit: 10) { status timestamp skipReason runIds error { message } }
+      }
+    }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def graphql(server: Server, query: str, variables: dict) -> dict:
+    request = urllib.request.Request(
+        server.base + "/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def sensor_state(server: Server, name: str) -> dict:
+    """Sensor `name` as the instance records it: status and latest ticks (runs, skips, errors)."""
+    selector = {
+        "repositoryLocationName": "retrieval_assets",
+        "repositoryName": "__repository__",
+        "sensorName": name,
+    }
+    return graphql(server, SENSOR_TICKS, {"selector": selector})
+
+
+def sensor_report(server: Server, name: str) -> str:
+    """The sensor's state and the daemon's last log lines: the message of a test that waited
+    in vain for the sensor."""
+    try:
+        state = json.dumps(sensor_state(server, name), indent=1)
+    except OSError as exc:
+        state = f"(the GraphQL query failed: {exc})"
+    daemon = [line for line in server.log.read_text().splitlines() if "dagster.daemon" in line]
+    return f"sensor {name}: {state}\nlast daemon log lines:\n" + "\n".join(daemon[-25:])
+
+
 STATUS = re.compile(r"\b(Success|Failure|Started|Starting|Queued|Canceled|Canceling)\b")
 
 
@@ -207,14 +255,26 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     wait_for(sensor_running, 60, "the sensor to be turned on", every=1)
     shot(page, "06-sensor-turned-on")
 
-    def sensor_run_listed() -> bool:
+    def launched_runs() -> list[str]:
+        state = sensor_state(server, "fastembed_backlog_sensor")["data"]["sensorOrError"]
+        return next((t["runIds"] for t in state["sensorState"]["ticks"] if t["runIds"]), [])
+
+    try:
+        run_ids = wait_for(launched_runs, 300, "a tick of fastembed_backlog_sensor to launch runs")
+    except AssertionError as exc:
+        open_page(page, server, sensor_page)
+        shot(page, "07-sensor-launched-no-run")
+        raise AssertionError(f"{exc}\n{sensor_report(server, 'fastembed_backlog_sensor')}") from exc
+
+    def runs_page_lists(run_id: str) -> str | None:
         page.goto(server.base + "/runs")
         page.get_by_text("Launched by").first.wait_for()
         page.wait_for_load_state("networkidle")
-        return "fastembed_backlog_sensor" in page.locator("body").inner_text()
+        text = page.locator("body").inner_text()
+        return text if run_id[:8] in text else None
 
-    wait_for(sensor_run_listed, 240, "a run launched by fastembed_backlog_sensor", every=5)
-    assert "fastembed_backfill" in page.locator("body").inner_text()
+    text = wait_for(lambda: runs_page_lists(run_ids[0]), 60, f"run {run_ids[0]} on /runs", every=2)
+    assert "fastembed_backfill" in text and "fastembed_backlog_sensor" in text
     shot(page, "07-sensor-launched-runs")
     open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
     shot(page, "08-sensor-ticks")
