@@ -162,6 +162,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 args.query,
                 k=args.k,
                 user=args.user,
+                snapshot=lancedb.search_snapshot(),
             )
         lines = [
             (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)

@@ -18,6 +18,7 @@ EXPECTED_ASSETS = {
     "lancedb/coarse_index",
     "postgres/titan_embeddings",
     "lancedb/chunk_table_maintenance",
+    "lancedb/search_snapshot",
 }
 EXPECTED_RESOURCES = {
     "postgres",
@@ -53,7 +54,7 @@ def test_loading_the_code_location_imports_no_model_or_store_library():
     probe = (
         "import sys; from retrieval_assets.definitions import defs; defs(); "
         "heavy = [m for m in ('torch', 'sentence_transformers', 'fastembed', 'lancedb', "
-        "'onnxruntime', 'tokenizers') if m in sys.modules]; print(','.join(heavy))"
+        "'onnxruntime', 'tokenizers', 'usearch') if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -67,7 +67,8 @@ class QueryCache:
     def key(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def get(self, text: str) -> np.ndarray:
+    def get(self, text: str, embed: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
+        """The cached vector of `text`, or `embed(text)` (default: the cache's own) on a miss."""
         key = self.key(text)
         with self._lock:
             if key in self._entries:
@@ -75,7 +76,7 @@ class QueryCache:
                 self._entries.move_to_end(key)
                 return self._entries[key]
             self.misses += 1
-        vector = self._embed(text)  # outside the lock: other queries need not wait for it
+        vector = (embed or self._embed)(text)  # outside the lock: other queries need not wait
         with self._lock:
             self._entries[key] = vector
             if len(self._entries) > self.maxsize:
@@ -135,12 +136,13 @@ class _Embedder(dg.ConfigurableResource):
         description="Batches of texts longer than this many tokens hold proportionally fewer "
         "texts (texts x length^2 <= batch_size x this^2), so a batch's memory is bounded.",
     )
-    # Measured on 2 cores over 250,000 rows: two-stage search p50 17-21 ms with one thread per
-    # query model against 24-29 ms with every core each (tests/benchmarks).
+    # Measured on 2 cores over 250,000 rows: two-stage search p50 11-12 ms with one thread per
+    # query model against 15-17 ms with every core each, one model after the other
+    # (tests/benchmarks).
     query_threads: int | None = Field(
         default=1,
-        description="ONNX Runtime threads for embedding one search query (None: all). A lone "
-        "short text gains little from more, and a search runs both query models side by side.",
+        description="ONNX Runtime threads for a query embedded beside the other model's (a "
+        "two-stage search embeds both at once; None: all cores). A lone query uses every core.",
     )
 
     _query_cache: QueryCache | None = PrivateAttr(default=None)
@@ -173,13 +175,19 @@ class _Embedder(dg.ConfigurableResource):
             out[idx] = self._encode([texts[i] for i in idx])
         return out
 
-    def embed_query(self, text: str) -> np.ndarray:
-        return self.query_cache.get(text)
+    def embed_query(self, text: str, alongside: bool = False) -> np.ndarray:
+        """One query's vector, through the LRU cache. A lone query runs on every core;
+        `alongside=True` (the other model is embedding the same query at the same time) runs it
+        on the `query_threads` session, so the two do not fight over the cores."""
+        return self.query_cache.get(text, self._encode_query if alongside else None)
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        return self._encode([text])[0]
 
     @property
     def query_cache(self) -> QueryCache:
         if self._query_cache is None:
-            self._query_cache = QueryCache(self._encode_query)
+            self._query_cache = QueryCache(self._encode_one)
         return self._query_cache
 
     def _encode_query(self, text: str) -> np.ndarray:
@@ -188,7 +196,7 @@ class _Embedder(dg.ConfigurableResource):
             if self._query_model is None:
                 self._query_model = self._load_query_model() or False
         if self._query_model is False:
-            return self._encode([text])[0]
+            return self._encode_one(text)
         return np.asarray(next(iter(self._query_model.embed([text]))), dtype=np.float32)
 
     def _load_query_model(self) -> Any:

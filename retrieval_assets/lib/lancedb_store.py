@@ -7,6 +7,7 @@ makes LanceDB agree by chunk id, so a crashed or partial write heals on the next
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,8 @@ from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 if TYPE_CHECKING:
     import lancedb
     import pyarrow as pa
+
+    from retrieval_assets.lib.search_snapshot import SearchSnapshot
 
 T = TypeVar("T")
 CHUNKS_TABLE = "conversation_chunks"
@@ -93,6 +96,22 @@ class LanceDBResource(dg.ConfigurableResource):
     def location(self) -> str:
         """The URI in use: `uri`, or data_dir/lancedb."""
         return self.uri or str(Path(self.data_dir) / "lancedb")
+
+    @property
+    def snapshot_root(self) -> Path:
+        """Where search snapshots of the chunk table are kept, on the machine that builds them and
+        searches with them: beside the tables of a local LanceDB directory; for object storage,
+        under the data directory, per URI."""
+        if "://" not in self.location:
+            return Path(self.location) / "_search_snapshot"
+        digest = hashlib.sha256(self.location.encode()).hexdigest()[:12]
+        return Path(self.data_dir) / "search_snapshot" / digest
+
+    def search_snapshot(self) -> SearchSnapshot | None:
+        """The published search snapshot, if one was built here (it serves one table version)."""
+        from retrieval_assets.lib.search_snapshot import current
+
+        return current(self.snapshot_root)
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
         """The chunk table, created empty on first use (later it also holds vector columns)."""

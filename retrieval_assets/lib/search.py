@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from retrieval_assets.lib.lancedb_store import quote_ids, quote_literal
+from retrieval_assets.lib.lancedb_store import quote_literal
+from retrieval_assets.lib.search_snapshot import SearchSnapshot
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
 
 COARSE_TOP_K = 100
@@ -56,7 +57,7 @@ def coarse_search(
     exact: bool = False,
     nprobes: int = DEFAULT_NPROBES,
     ef: int = DEFAULT_EF,
-    row_ids: bool = False,
+    snapshot: SearchSnapshot | None = None,
 ):
     """The `top_k` nearest chunks by FastEmbed vector (cosine): min(top_k, rows with a vector).
 
@@ -65,8 +66,16 @@ def coarse_search(
     searched exactly (the scalar index on user_id finds them; scanning a few thousand vectors is
     cheap); a larger filtered set goes through the ANN index, and if the index's probes found
     fewer than min(top_k, matching rows) the query is answered exactly instead. `exact=True`
-    bypasses the index (the ground truth for recall). `row_ids` adds LanceDB's `_rowid`.
+    bypasses the index (the ground truth for recall).
+
+    A search snapshot (`snapshot`) of the table's current version answers instead when no user
+    filter is set and only ids and fine vectors are asked for.
     """
+    wanted = columns or RESULT_COLUMNS
+    if snapshot is not None and user is None and not exact and set(wanted) <= snapshot.columns:
+        found = snapshot.top(query_vector, top_k) if snapshot.serves(table) else None
+        if found is not None:
+            return _snapshot_rows(snapshot, *found, wanted)
     where = None if user is None else f"user_id = {quote_literal(user)}"
     matching = None
     if where is not None and not exact:
@@ -79,9 +88,7 @@ def coarse_search(
         ).distance_type("cosine")
         if where is not None:
             query = query.where(where, prefilter=True)
-        query = query.select([*(columns or RESULT_COLUMNS), "_distance"]).limit(top_k)
-        if row_ids:
-            query = query.with_row_id(True)
+        query = query.select([*wanted, "_distance"]).limit(top_k)
         if exact_search:
             return query.bypass_vector_index().to_arrow()
         return query.nprobes(nprobes).ef(max(ef, top_k)).to_arrow()  # HNSW needs ef >= k
@@ -90,6 +97,25 @@ def coarse_search(
     if matching is not None and not exact and result.num_rows < min(top_k, matching):
         result = run(True)
     return result
+
+
+def _snapshot_rows(
+    snapshot: SearchSnapshot, positions: np.ndarray, scores: np.ndarray, columns: list[str]
+) -> pa.Table:
+    """The snapshot's answer shaped as LanceDB's: the asked columns and `_distance` (cosine
+    distance)."""
+    rows = snapshot.rows_at(positions, [c for c in columns if c != ST_COLUMN])
+    out: dict[str, pa.Array] = {}
+    for name in columns:
+        if name == ST_COLUMN:  # the fine vectors; NULL where the row had none
+            fine = np.asarray(snapshot.fine[positions], dtype=np.float32)
+            out[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(fine.ravel()), fine.shape[1], mask=pa.array(~snapshot.has_fine[positions])
+            )
+        else:
+            out[name] = rows.column(name)
+    out["_distance"] = pa.array(1.0 - scores, pa.float32())
+    return pa.table(out)
 
 
 _QUERY_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fine-query")
@@ -118,32 +144,32 @@ def search(
     k: int = 10,
     user: str | None = None,
     coarse_k: int = COARSE_TOP_K,
+    snapshot: SearchSnapshot | None = None,
 ) -> list[Hit]:
     """Coarse top-`coarse_k` by FastEmbed, reranked by sentence-transformers; the best `k`.
 
     Candidates whose fine vector is still NULL (awaiting the backfill) follow the reranked ones in
-    coarse order; scores from the two spaces are never compared with each other. Only ids and
-    fine vectors are read for the candidates; the text and the rest of the row only for the `k`
-    that are returned.
+    coarse order; scores from the two spaces are never compared with each other. The candidates
+    are read once, with their rows (from `snapshot` when it serves the table's version): a
+    second read for the `k` returned would cost a LanceDB call, and could meet a compacted table.
     """
     # The fine query embedding runs while the coarse stage does (both models and LanceDB release
     # the GIL), so the query pays for the longer of the two, not their sum.
-    query_fine = _QUERY_POOL.submit(sentence_transformer.embed_query, query)
+    query_fine = _QUERY_POOL.submit(sentence_transformer.embed_query, query, alongside=True)
     candidates = coarse_search(
         table,
-        fastembed.embed_query(query),
+        fastembed.embed_query(query, alongside=True),
         coarse_k,
         user,
-        columns=["chunk_id", ST_COLUMN],
-        row_ids=True,
+        columns=[*RESULT_COLUMNS, ST_COLUMN],
+        snapshot=snapshot,
     )
     fine = fine_scores(candidates.column(ST_COLUMN), query_fine.result())
     coarse = 1.0 - candidates.column("_distance").to_numpy()
     reranked = ~np.isnan(fine)
     score = np.where(reranked, fine, coarse)
     best = np.lexsort((-score, ~reranked))[:k]  # reranked first, then by score
-    ids = candidates.column("chunk_id").take(best).to_pylist()
-    rows = _rows_by_id(table, candidates.column("_rowid").take(best).to_pylist(), ids)
+    rows = candidates.select(RESULT_COLUMNS).take(best).to_pylist()
     return [
         Hit(
             r["chunk_id"],
@@ -157,32 +183,8 @@ def search(
             float(score[i]),
             bool(reranked[i]),
         )
-        for i, chunk_id in zip(best, ids, strict=True)
-        if (r := rows.get(chunk_id)) is not None  # None: deleted since the coarse stage
+        for i, r in zip(best, rows, strict=True)
     ]
-
-
-def _rows_by_id(table: Any, row_ids: list[int], chunk_ids: list[str]) -> dict[str, dict]:
-    """The rows a search just returned, by chunk id: taken by LanceDB row id, or by chunk id if
-    the table was compacted in between (row ids then point elsewhere)."""
-    if not chunk_ids:
-        return {}
-    try:
-        found = table.take_row_ids(row_ids).select(RESULT_COLUMNS).to_arrow().to_pylist()
-    except (ValueError, RuntimeError, OSError, IndexError):
-        found = []
-    by_id = {r["chunk_id"]: r for r in found}
-    if set(by_id) != set(chunk_ids):
-        found = (
-            table.search()
-            .where(f"chunk_id IN ({quote_ids(chunk_ids)})")
-            .select(RESULT_COLUMNS)
-            .limit(len(chunk_ids))
-            .to_arrow()
-            .to_pylist()
-        )
-        by_id = {r["chunk_id"]: r for r in found}
-    return by_id
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import dagster as dg
 import lancedb
@@ -11,7 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrieval_assets.defs.coarse_index.assets import coarse_index, coarse_recall
+from retrieval_assets.defs.coarse_index.assets import (
+    chunk_table_maintenance,
+    coarse_index,
+    coarse_recall,
+    search_snapshot,
+    search_snapshot_recall,
+)
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.local_embeddings.assets import (
     fastembed_vectors,
@@ -19,10 +24,11 @@ from retrieval_assets.defs.local_embeddings.assets import (
 )
 from retrieval_assets.defs.local_embeddings.checks import local_vector_checks
 from retrieval_assets.lib.embedders import SentenceTransformerResource
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema, quote_ids
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.search import _rows_by_id, coarse_search, search
+from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, search
+from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import (
     FASTEMBED_COLUMN,
     ST_COLUMN,
@@ -40,6 +46,9 @@ GRAPH = [
     sentence_transformer_vectors,
     coarse_index,
     coarse_recall,
+    chunk_table_maintenance,
+    search_snapshot,
+    search_snapshot_recall,
     local_vector_checks,
 ]
 
@@ -75,6 +84,9 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
         assert m["rows_embedded"] == rows and m["nulls_remaining"] == 0 and m["dims"] == 384
         assert m["column_action"] == "created"
         assert count_nulls(table(lance_uri), column) == 0
+    snapshot = meta(result, "lancedb/search_snapshot")
+    assert snapshot["action"] == "built" and snapshot["rows"] == rows
+    assert snapshot["table_version"] == table(lance_uri).version
     with connect(db) as conn:
         recorded = dict(
             conn.execute(
@@ -323,25 +335,78 @@ def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
     assert all(h.reranked for h in hits[:-1])
 
 
-def test_search_returns_the_right_rows_when_the_table_is_compacted_between_its_reads(
+def copy_of(chunks, uri: str):
+    return lancedb.connect(uri).create_table(
+        CHUNKS_TABLE, data=chunks.search().limit(None).to_arrow()
+    )
+
+
+def test_a_search_snapshot_answers_like_lancedb_for_its_table_version_only(
+    corpus, fastembed, sentence_transformer, tmp_path
+):
+    chunks, sentences = corpus
+    copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    built = build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
+    snapshot = current(tmp_path / "snapshot")
+    assert built.rows == snapshot.rows == len(sentences) and snapshot.serves(copy)
+
+    query = "read and write JSON documents"
+    vector = fastembed.embed_query(query)
+    for k in (7, 100, 5_000):
+        served = coarse_search(copy, vector, k, snapshot=snapshot)
+        assert served.num_rows == min(k, len(sentences))
+    served = coarse_search(copy, vector, 100, snapshot=snapshot).to_pylist()
+    exact = coarse_search(copy, vector, 100, exact=True).to_pylist()
+    assert len({r["chunk_id"] for r in served} & {r["chunk_id"] for r in exact}) >= 95
+    by_id = {r["chunk_id"]: r for r in exact}
+    for row in served:  # the snapshot's rows are the table's rows, column for column
+        if row["chunk_id"] in by_id:
+            expected = by_id[row["chunk_id"]]
+            assert {c: row[c] for c in RESULT_COLUMNS} == {c: expected[c] for c in RESULT_COLUMNS}
+            assert row["_distance"] == pytest.approx(expected["_distance"], abs=2e-3)
+
+    fast = search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
+    slow = search(copy, fastembed, sentence_transformer, query, k=10)
+    assert len({h.chunk_id for h in fast} & {h.chunk_id for h in slow}) >= 9
+    assert fast[0].chunk_id == slow[0].chunk_id
+    assert fast[0].score == pytest.approx(slow[0].score, abs=2e-3)  # f16 fine vectors
+
+    # Any write makes a new table version: the snapshot no longer answers, LanceDB does.
+    copy.delete(f"chunk_id = '{fast[0].chunk_id}'")
+    assert not snapshot.serves(copy)
+    after = search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
+    assert fast[0].chunk_id not in {h.chunk_id for h in after} and len(after) == 10
+    assert coarse_search(copy, vector, 5_000, snapshot=snapshot).num_rows == len(sentences) - 1
+    # ... and a snapshot of another table never answers for this one.
+    other = copy_of(chunks, str(tmp_path / "other"))
+    assert other.version == snapshot.version and not snapshot.serves(other)
+
+
+def test_a_snapshot_keeps_rows_without_fine_vectors_after_reranked_ones(
     corpus, fastembed, sentence_transformer, tmp_path
 ):
     chunks, _ = corpus
-    copy = lancedb.connect(str(tmp_path)).create_table(
-        CHUNKS_TABLE, data=chunks.search().limit(None).to_arrow()
-    )
-    first = coarse_search(
-        copy, fastembed.embed_query("JSON documents"), 10, columns=["chunk_id"], row_ids=True
-    )
-    ids = first.column("chunk_id").to_pylist()
-    # Deleting most other rows makes compaction rewrite the fragment: the old row ids are stale.
-    copy.delete(f"chunk_id NOT IN ({quote_ids(ids)})")
-    copy.optimize(cleanup_older_than=timedelta(0))
-    stale = copy.take_row_ids(first.column("_rowid").to_pylist()).select(["chunk_id"]).to_arrow()
-    assert stale.column("chunk_id").to_pylist() != ids  # the case the fallback is for
-    rows = _rows_by_id(copy, first.column("_rowid").to_pylist(), ids)
-    assert set(rows) == set(ids)
-    assert all(rows[i]["chunk_id"] == i and rows[i]["content"] for i in ids)
+    copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    query = "JSON documents"
+    best = search(copy, fastembed, sentence_transformer, query, k=1)[0]
+    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={ST_COLUMN: None})
+    build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
+    snapshot = current(tmp_path / "snapshot")
+    assert snapshot.serves(copy) and int(np.sum(~np.asarray(snapshot.has_fine))) == 1
+    hits = search(copy, fastembed, sentence_transformer, query, k=100, snapshot=snapshot)
+    assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
+    assert all(h.reranked for h in hits[:-1])
+
+
+def test_a_new_snapshot_replaces_the_old_one_on_disk(corpus, tmp_path):
+    chunks, _ = corpus
+    copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    root = tmp_path / "snapshot"
+    first = build(copy, root, RESULT_COLUMNS)
+    copy.delete("user_id = 'rare-user'")
+    second = build(copy, root, RESULT_COLUMNS)
+    assert second.rows == first.rows - 3 and current(root).serves(copy)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", second.path.name])
 
 
 def test_a_large_filtered_set_goes_through_the_index_and_still_returns_k(

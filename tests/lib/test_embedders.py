@@ -90,11 +90,12 @@ def test_resource_query_embeddings_go_through_the_cache(fastembed):
     assert after["query_cache_hits"] - before["query_cache_hits"] >= 1
 
 
-def test_queries_run_on_single_thread_sessions_that_give_the_bulk_vectors(
+def test_queries_beside_another_model_run_on_single_thread_sessions_giving_the_bulk_vectors(
     fastembed, sentence_transformer
 ):
     query = "a query embedded on one thread"
-    coarse, fine = fastembed.embed_query(query), sentence_transformer.embed_query(query)
+    coarse = fastembed.embed_query(query, alongside=True)
+    fine = sentence_transformer.embed_query(query, alongside=True)
     for resource, vector in ((fastembed, coarse), (sentence_transformer, fine)):
         assert resource._query_model is not resource._model
         session = resource._query_model.model.model  # FastEmbed's ONNX Runtime session
@@ -111,10 +112,10 @@ def test_fine_queries_go_through_onnx_only_when_it_matches_pytorch(sentence_tran
     from retrieval_assets.lib.embedders import SentenceTransformerResource
 
     query = "which index makes sorting faster"
-    fast = sentence_transformer.embed_query(query)
+    fast = sentence_transformer.embed_query(query, alongside=True)
     assert type(sentence_transformer._query_model).__name__ == "TextEmbedding"
     exact = sentence_transformer._encode([query])[0]
     assert float(np.dot(fast, exact)) > 0.9999
     torch_only = SentenceTransformerResource(onnx_queries=False)
-    assert float(np.dot(torch_only.embed_query(query), exact)) > 0.99999
+    assert float(np.dot(torch_only.embed_query(query, alongside=True), exact)) > 0.99999
     assert torch_only._query_model is False

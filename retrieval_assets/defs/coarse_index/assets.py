@@ -6,7 +6,8 @@ import numpy as np
 from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
-from retrieval_assets.lib.search import coarse_search
+from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search
+from retrieval_assets.lib.search_snapshot import SearchSnapshot, build
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ensure_coarse_index
 
 COARSE_INDEX = dg.AssetKey(["lancedb", "coarse_index"])
@@ -16,9 +17,14 @@ _PROBE_QUERIES = 20
 
 
 def sample_recall(
-    table, fastembed: FastEmbedResource, queries: int = _PROBE_QUERIES, k: int = 10
+    table,
+    fastembed: FastEmbedResource,
+    queries: int = _PROBE_QUERIES,
+    k: int = 10,
+    snapshot: SearchSnapshot | None = None,
 ) -> float:
-    """Recall@k of the ANN search against exact search, for chunk texts used as queries."""
+    """Recall@k of the ANN search (`snapshot`'s where given) against exact search, for chunk
+    texts used as queries."""
     sample = (
         table.search()
         .where(f"{FASTEMBED_COLUMN} IS NOT NULL")
@@ -34,7 +40,9 @@ def sample_recall(
     for text in sample:
         vector = fastembed.embed_query(text[:500])
         approx = set(
-            coarse_search(table, vector, k, columns=["chunk_id"]).column("chunk_id").to_pylist()
+            coarse_search(table, vector, k, columns=["chunk_id"], snapshot=snapshot)
+            .column("chunk_id")
+            .to_pylist()
         )
         exact = set(
             coarse_search(table, vector, k, columns=["chunk_id"], exact=True)
@@ -120,3 +128,71 @@ def chunk_table_maintenance(
         f"{result['fragments_before']} -> {result['fragments_after']} fragments"
     )
     return dg.MaterializeResult(metadata=result)
+
+
+SEARCH_SNAPSHOT = dg.AssetKey(["lancedb", "search_snapshot"])
+SNAPSHOT_RECALL_CHECK = "search_snapshot_recall_at_10"
+
+
+@dg.asset(
+    key=SEARCH_SNAPSHOT,
+    deps=[CHUNK_TABLE_MAINTENANCE],
+    group_name="coarse_index",
+    kinds={"lancedb", "usearch"},
+    owners=["team:data-platform"],
+    code_version="1",
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def search_snapshot(
+    context: dg.AssetExecutionContext, lancedb: LanceDBResource
+) -> dg.MaterializeResult:
+    """The chunk table's current version as searches read it fastest: its coarse vectors in an
+    in-process HNSW (usearch, f16), its fine vectors and result columns memory-mapped beside them,
+    under the data directory. An unfiltered search uses it while the table stays at that version
+    and LanceDB's index otherwise (after any write, until this asset runs again)."""
+    with lancedb.get_connection() as db:
+        table = lancedb.chunks_table(db)
+        published = lancedb.search_snapshot()
+        if published is not None and published.serves(table):
+            action, rows, seconds = "current", published.rows, 0.0
+        else:
+            built = build(table, lancedb.snapshot_root, RESULT_COLUMNS)
+            action, rows, seconds = "built", built.rows, built.seconds
+            published = lancedb.search_snapshot()
+    context.log.info(f"search snapshot {action}: version {published.version}, {rows} rows")
+    size = sum(f.stat().st_size for f in published.path.iterdir())
+    return dg.MaterializeResult(
+        metadata={
+            "action": action,
+            "table_version": published.version,
+            "rows": rows,
+            "seconds": round(seconds, 2),
+            "size_mb": round(size / 1e6, 1),
+            "path": dg.MetadataValue.path(str(published.path)),
+        }
+    )
+
+
+@dg.asset_check(
+    asset=SEARCH_SNAPSHOT,
+    name=SNAPSHOT_RECALL_CHECK,
+    description=f"The snapshot's recall@10 vs exact search on {_PROBE_QUERIES} sampled queries is "
+    f"at least {RECALL_THRESHOLD} (skipped when no snapshot serves the table's version).",
+)
+def search_snapshot_recall(
+    lancedb: LanceDBResource, fastembed: FastEmbedResource
+) -> dg.AssetCheckResult:
+    with lancedb.get_connection() as db:
+        table = lancedb.chunks_table(db)
+        snapshot = lancedb.search_snapshot()
+        if snapshot is None or not snapshot.serves(table):
+            return dg.AssetCheckResult(
+                passed=True,
+                metadata={"skipped": "the table changed since the snapshot; LanceDB serves"},
+            )
+        recall = sample_recall(table, fastembed, snapshot=snapshot)
+    return dg.AssetCheckResult(
+        passed=recall >= RECALL_THRESHOLD,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"recall_at_10": recall, "table_version": snapshot.version},
+    )
