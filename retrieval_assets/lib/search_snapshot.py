@@ -16,6 +16,7 @@ previous snapshot is removed once replaced (a reader holding it keeps its open f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,9 @@ CONNECTIVITY = 16
 EXPANSION_ADD = 128
 EXPANSION_SEARCH = 160
 READ_BATCH_ROWS = 16_384
+# Removed graph entries (tombstones) beyond this fraction of the rows trigger a rebuild.
+REBUILD_FRACTION = 0.2
+INDEX_FILE = "coarse.usearch"
 
 
 @dataclass(frozen=True)
@@ -46,11 +50,14 @@ class BuildResult:
     rows: int
     seconds: float
     path: Path
+    action: str  # built (from nothing), updated (from the previous graph), rebuilt (tombstones)
+    inserted: int  # coarse vectors inserted into the graph (new or changed chunks)
 
 
 class SearchSnapshot:
-    """A published snapshot, memory-mapped: `top(vector, k)` gives positions and cosine scores;
-    `rows` (the result columns, an Arrow table), `fine` and `has_fine` are indexed by position."""
+    """A published snapshot, memory-mapped: `top(vector, k)` gives positions and cosine scores,
+    `rows_at(positions, columns)` those rows' result columns; `fine` (f16 fine vectors) and
+    `has_fine` are arrays indexed by position; `rows` counts them."""
 
     def __init__(self, path: Path) -> None:
         from usearch.index import Index
@@ -60,14 +67,20 @@ class SearchSnapshot:
         self.table_uri: str = meta["table_uri"]
         self.version: int = meta["version"]
         self.rows: int = meta["rows"]
+        self.dims: int = meta["dims"]
+        self.tombstones: int = meta["tombstones"]
+        self.keys = np.load(path / "keys.npy", mmap_mode="r")
+        self._key_order = np.argsort(self.keys)
+        self._sorted_keys = np.asarray(self.keys)[self._key_order]
         with pa.memory_map(str(path / "rows.arrow")) as source:
             reader = pa.ipc.open_file(source)  # batches are zero-copy views of the map
             self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            self._schema = reader.schema
             self.columns = {*reader.schema.names, ST_COLUMN}
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         self.fine = np.load(path / "fine.npy", mmap_mode="r")
         self.has_fine = np.load(path / "has_fine.npy", mmap_mode="r")
-        self.index = Index.restore(str(path / "coarse.usearch"), view=True) if self.rows else None
+        self.index = Index.restore(str(path / INDEX_FILE), view=True) if self.rows else None
         if self.index is not None:
             self.index.expansion_search = EXPANSION_SEARCH
 
@@ -81,9 +94,17 @@ class SearchSnapshot:
             for b in np.unique(which)
         ]
         if not parts:
-            return pa.RecordBatch.from_pylist([], schema=self._batches[0].select(columns).schema)
+            schema = pa.schema([self._schema.field(c) for c in columns])
+            return pa.RecordBatch.from_pylist([], schema=schema)
         taken = pa.concat_batches(parts)  # rows grouped by batch, in `order`
         return taken.take(pa.array(np.argsort(order)))
+
+    def positions_of(self, keys: np.ndarray) -> np.ndarray:
+        """The row positions of chunk `keys` in this snapshot; -1 for keys it does not hold."""
+        if self.rows == 0:
+            return np.full(len(keys), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._sorted_keys, keys), self.rows - 1)
+        return np.where(self._sorted_keys[at] == keys, self._key_order[at], -1)
 
     def serves(self, table: Any) -> bool:
         """True while `table` is the table this snapshot was made from, at the same version."""
@@ -95,18 +116,38 @@ class SearchSnapshot:
         if self.index is None:
             return np.empty(0, np.int64), np.empty(0)
         found = self.index.search(np.asarray(vector, np.float32), k, threads=1)
-        if len(found.keys) < min(k, self.rows):
+        positions = self.positions_of(found.keys)
+        if len(positions) < min(k, self.rows) or (positions < 0).any():
             return None
-        return found.keys.astype(np.int64), 1.0 - found.distances.astype(np.float64)
+        return positions, 1.0 - found.distances.astype(np.float64)
 
 
 def table_uri(table: Any) -> str:
     return str(getattr(table, "uri", "") or table.name)
 
 
+def chunk_keys(chunk_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The HNSW keys of chunks: 64 bits of a hash of the chunk id, so that a key names the same
+    chunk in every snapshot and an update touches only the chunks that changed."""
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little")
+            for c in chunk_ids.to_pylist()
+        ),
+        dtype=np.uint64,
+        count=len(chunk_ids),
+    )
+
+
 def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     """Snapshot `table` at its current version under `root` and publish it; `columns` are the
-    result columns it carries."""
+    result columns it carries.
+
+    Every file is written anew from the table (a sequential read), but the HNSW — the costly
+    part — starts from the published snapshot's when there is one: only chunks added, removed or
+    with a new coarse vector are inserted or removed, so a run that changed 1 % of the rows pays
+    for that 1 % of graph work. Removed entries stay as tombstones; once they exceed
+    REBUILD_FRACTION of the rows the graph is rebuilt from its live vectors."""
     from usearch.index import Index
 
     started = time.monotonic()
@@ -115,20 +156,25 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     fine_dims = table.schema.field(ST_COLUMN).type.list_size
     where = f"{FASTEMBED_COLUMN} IS NOT NULL"
     rows = table.count_rows(where)
+    previous = current(root) if (root / CURRENT).exists() else None
+    if previous is not None and (
+        previous.table_uri != table_uri(table) or previous.index is None or previous.dims != dims
+    ):
+        previous = None
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"v{version}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     try:
+        keys = np.lib.format.open_memmap(path / "keys.npy", "w+", np.uint64, (rows,))
         fine = np.lib.format.open_memmap(path / "fine.npy", "w+", np.float16, (rows, fine_dims))
         has_fine = np.lib.format.open_memmap(path / "has_fine.npy", "w+", np.bool_, (rows,))
-        index = Index(
-            ndim=dims,
-            metric="cos",
-            dtype="f16",
-            connectivity=CONNECTIVITY,
-            expansion_add=EXPANSION_ADD,
-            expansion_search=EXPANSION_SEARCH,
-        )
+        if previous is None:
+            index = _new_index(dims)
+            seen = None
+        else:  # loaded, not viewed: it is changed in place and saved under the new snapshot
+            index = Index.restore(str(previous.path / INDEX_FILE))
+            seen = np.zeros(previous.rows, dtype=np.bool_)
+        touched = removed = 0
         done = 0
         reader = (
             table.search()
@@ -143,8 +189,25 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
             n = batch.num_rows
             if done + n > rows:
                 raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
+            batch_keys = chunk_keys(batch.column("chunk_id"))
+            coarse = _matrix(batch.column(FASTEMBED_COLUMN))
+            insert = np.ones(n, dtype=np.bool_)
+            if previous is not None:
+                known = previous.positions_of(batch_keys)
+                present = known >= 0
+                seen[known[present]] = True
+                stored = _stored_vectors(index, batch_keys[present])
+                unchanged = np.all(stored == coarse[present].astype(np.float16), axis=1)
+                insert[np.flatnonzero(present)[unchanged]] = False
+                changed = batch_keys[present][~unchanged]
+                if len(changed):
+                    index.remove(changed)
+                    removed += len(changed)
+            if insert.any():
+                index.add(batch_keys[insert], coarse[insert])
+                touched += int(insert.sum())
             batch_fine = batch.column(ST_COLUMN)
-            index.add(np.arange(done, done + n), _matrix(batch.column(FASTEMBED_COLUMN)))
+            keys[done : done + n] = batch_keys
             fine[done : done + n] = np.nan_to_num(_matrix(batch_fine))
             has_fine[done : done + n] = batch_fine.is_valid().to_numpy(zero_copy_only=False)
             writer.write_batch(batch.select(columns))
@@ -152,18 +215,66 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         writer.close()
         if done != rows:
             raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
-        for array in (fine, has_fine):
+        _check_unique(keys)
+        tombstones = 0
+        action = "built"
+        if previous is not None:
+            gone = np.asarray(previous.keys)[~seen]
+            if len(gone):
+                index.remove(gone)
+            tombstones = previous.tombstones + removed + len(gone)
+            action = "updated"
+            if tombstones > REBUILD_FRACTION * max(rows, 1):
+                index, tombstones, action = _rebuilt(index, keys, dims), 0, "rebuilt"
+        for array in (keys, fine, has_fine):
             array.flush()
         if rows:
-            index.save(str(path / "coarse.usearch"))
-        (path / "meta.json").write_text(
-            json.dumps({"table_uri": table_uri(table), "version": version, "rows": rows})
-        )
+            index.save(str(path / INDEX_FILE))
+        meta = {"table_uri": table_uri(table), "version": version, "rows": rows, "dims": dims}
+        (path / "meta.json").write_text(json.dumps({**meta, "tombstones": tombstones}))
         publish(root, path)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return BuildResult(version, rows, time.monotonic() - started, path)
+    return BuildResult(version, rows, time.monotonic() - started, path, action, touched)
+
+
+def _new_index(dims: int):
+    from usearch.index import Index
+
+    return Index(
+        ndim=dims,
+        metric="cos",
+        dtype="f16",
+        connectivity=CONNECTIVITY,
+        expansion_add=EXPANSION_ADD,
+        expansion_search=EXPANSION_SEARCH,
+    )
+
+
+def _stored_vectors(index: Any, keys: np.ndarray) -> np.ndarray:
+    """The f16 vectors `index` holds for `keys` (all present), one row per key."""
+    if len(keys) == 0:
+        return np.empty((0, index.ndim), dtype=np.float16)
+    return np.asarray(np.vstack(index.get(keys)), dtype=np.float16)
+
+
+def _rebuilt(index: Any, keys: np.ndarray, dims: int):
+    """A fresh graph over the live vectors of `index` (no tombstones)."""
+    fresh = _new_index(dims)
+    for start in range(0, len(keys), READ_BATCH_ROWS):
+        part = np.asarray(keys[start : start + READ_BATCH_ROWS])
+        fresh.add(part, _stored_vectors(index, part))
+    return fresh
+
+
+def _check_unique(keys: np.ndarray) -> None:
+    unique, counts = np.unique(keys, return_counts=True)
+    if len(unique) != len(keys):
+        raise RuntimeError(
+            f"two chunk ids hash to the same snapshot key {unique[counts > 1][0]}: chunk ids must "
+            "be unique in the table (a 64-bit collision between distinct ids is ~1e-8 at 1M rows)"
+        )
 
 
 def _matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

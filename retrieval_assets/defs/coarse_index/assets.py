@@ -147,25 +147,37 @@ def search_snapshot(
     context: dg.AssetExecutionContext, lancedb: LanceDBResource
 ) -> dg.MaterializeResult:
     """The chunk table's current version as searches read it fastest: its coarse vectors in an
-    in-process HNSW (usearch, f16), its fine vectors and result columns memory-mapped beside them,
-    under the data directory. An unfiltered search uses it while the table stays at that version
-    and LanceDB's index otherwise (after any write, until this asset runs again)."""
+    in-process HNSW (usearch, f16), its fine vectors and result columns memory-mapped beside them.
+    An unfiltered search uses it while the table stays at that version and LanceDB's index
+    otherwise (after any write, until this asset runs again). Each run updates the previous
+    graph with the chunks that changed (action "updated"), rebuilding it only when removed
+    entries pass 20 % of the rows."""
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
         published = lancedb.search_snapshot()
         if published is not None and published.serves(table):
-            action, rows, seconds = "current", published.rows, 0.0
+            action, rows, seconds, inserted = "current", published.rows, 0.0, 0
         else:
             built = build(table, lancedb.snapshot_root, RESULT_COLUMNS)
-            action, rows, seconds = "built", built.rows, built.seconds
+            action, rows, seconds, inserted = (
+                built.action,
+                built.rows,
+                built.seconds,
+                built.inserted,
+            )
             published = lancedb.search_snapshot()
-    context.log.info(f"search snapshot {action}: version {published.version}, {rows} rows")
+    context.log.info(
+        f"search snapshot {action}: version {published.version}, {rows} rows, "
+        f"{inserted} inserted into the graph in {seconds:.1f} s"
+    )
     size = sum(f.stat().st_size for f in published.path.iterdir())
     return dg.MaterializeResult(
         metadata={
             "action": action,
             "table_version": published.version,
             "rows": rows,
+            "graph_inserts": inserted,
+            "graph_tombstones": published.tombstones,
             "seconds": round(seconds, 2),
             "size_mb": round(size / 1e6, 1),
             "path": dg.MetadataValue.path(str(published.path)),
