@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrieval_assets.lib.lancedb_store import quote_literal
-from retrieval_assets.lib.search_snapshot import SearchSnapshot
+from retrieval_assets.lib.search_snapshot import SearchSnapshot, vector_matrix
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
 
 COARSE_TOP_K = 100
@@ -128,9 +128,7 @@ def fine_scores(column: pa.ChunkedArray | pa.Array, query: np.ndarray) -> np.nda
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     if len(column) == 0:
         return np.empty(0)
-    dims = column.type.list_size
-    flat = column.values.to_numpy(zero_copy_only=False).reshape(-1, dims)
-    vectors = flat[column.offset : column.offset + len(column)]
+    vectors = vector_matrix(column)
     scores = (vectors @ np.asarray(query, dtype=np.float32)).astype(np.float64)
     scores[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
     return scores

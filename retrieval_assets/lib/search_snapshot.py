@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from filelock import FileLock
 
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
 
@@ -42,6 +43,7 @@ READ_BATCH_ROWS = 16_384
 # Removed graph entries (tombstones) beyond this fraction of the rows trigger a rebuild.
 REBUILD_FRACTION = 0.2
 INDEX_FILE = "coarse.usearch"
+BUILD_LOCK = ".build.lock"
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,12 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     with a new coarse vector are inserted or removed, so a run that changed 1 % of the rows pays
     for that 1 % of graph work. Removed entries stay as tombstones; once they exceed
     REBUILD_FRACTION of the rows the graph is rebuilt from its live vectors."""
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / BUILD_LOCK):  # one build at a time: a publish removes other directories
+        return _build(table, root, columns)
+
+
+def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     from usearch.index import Index
 
     started = time.monotonic()
@@ -156,12 +164,11 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     fine_dims = table.schema.field(ST_COLUMN).type.list_size
     where = f"{FASTEMBED_COLUMN} IS NOT NULL"
     rows = table.count_rows(where)
-    previous = current(root) if (root / CURRENT).exists() else None
+    previous = current(root)
     if previous is not None and (
         previous.table_uri != table_uri(table) or previous.index is None or previous.dims != dims
     ):
         previous = None
-    root.mkdir(parents=True, exist_ok=True)
     path = root / f"v{version}-{uuid.uuid4().hex[:8]}"
     path.mkdir()
     try:
@@ -190,7 +197,7 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
             if done + n > rows:
                 raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
             batch_keys = chunk_keys(batch.column("chunk_id"))
-            coarse = _matrix(batch.column(FASTEMBED_COLUMN))
+            coarse = vector_matrix(batch.column(FASTEMBED_COLUMN))
             insert = np.ones(n, dtype=np.bool_)
             if previous is not None:
                 known = previous.positions_of(batch_keys)
@@ -208,7 +215,7 @@ def build(table: Any, root: Path, columns: list[str]) -> BuildResult:
                 touched += int(insert.sum())
             batch_fine = batch.column(ST_COLUMN)
             keys[done : done + n] = batch_keys
-            fine[done : done + n] = np.nan_to_num(_matrix(batch_fine))
+            fine[done : done + n] = np.nan_to_num(vector_matrix(batch_fine))
             has_fine[done : done + n] = batch_fine.is_valid().to_numpy(zero_copy_only=False)
             writer.write_batch(batch.select(columns))
             done += n
@@ -277,9 +284,11 @@ def _check_unique(keys: np.ndarray) -> None:
         )
 
 
-def _matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def vector_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list column as a (rows, dims) array over its values (NULL rows: whatever
+    their slots hold)."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
     dims = column.type.list_size
     flat = column.values.to_numpy(zero_copy_only=False).reshape(-1, dims)
     return flat[column.offset : column.offset + len(column)]
@@ -291,7 +300,7 @@ def publish(root: Path, path: Path) -> None:
     pointer.write_text(path.name)
     os.replace(pointer, root / CURRENT)
     for old in root.iterdir():
-        if old.is_dir() and old != path:
+        if old.is_dir() and old != path:  # builds are serialized: nothing else is being written
             shutil.rmtree(old, ignore_errors=True)
 
 

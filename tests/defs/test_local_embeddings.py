@@ -436,6 +436,21 @@ def test_a_snapshot_update_inserts_only_what_changed_and_answers_like_a_fresh_bu
     assert row.to_pylist()[0][ST_COLUMN] is None  # the NULL fine vector, not the old one
 
 
+def test_snapshot_builds_at_the_same_time_both_complete(corpus, tmp_path):
+    """Two runs may build at once; a publish removes the other snapshot directories, so builds
+    take turns instead of deleting each other's half-written files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks, sentences = corpus
+    copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    root = tmp_path / "snapshot"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(build, copy, root, RESULT_COLUMNS) for _ in range(3)]
+        results = [f.result() for f in futures]
+    assert sorted(r.action for r in results) == ["built", "updated", "updated"]
+    assert current(root).serves(copy) and current(root).rows == len(sentences)
+
+
 def test_a_new_snapshot_replaces_the_old_one_on_disk(corpus, tmp_path):
     chunks, _ = corpus
     copy = copy_of(chunks, str(tmp_path / "lancedb"))
@@ -444,7 +459,8 @@ def test_a_new_snapshot_replaces_the_old_one_on_disk(corpus, tmp_path):
     copy.delete("user_id = 'rare-user'")
     second = build(copy, root, RESULT_COLUMNS)
     assert second.rows == first.rows - 3 and current(root).serves(copy)
-    assert sorted(p.name for p in root.iterdir()) == sorted(["CURRENT", second.path.name])
+    left = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))  # not the lock
+    assert left == sorted(["CURRENT", second.path.name])
     copy.delete("true")  # an empty table has an empty snapshot that answers with no rows
     build(copy, root, RESULT_COLUMNS)
     assert current(root).serves(copy) and current(root).rows == 0
