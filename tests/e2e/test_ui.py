@@ -232,6 +232,10 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     open_page(page, server, "/assets/postgres/conversation_chunks")
     page.get_by_text("token_length_distribution").first.wait_for()
     shot(page, "05-chunks-asset")
+    open_page(page, server, "/assets/lancedb/search_snapshot")
+    page.get_by_text("graph_inserts").first.wait_for()
+    assert "table_version" in body.inner_text()
+    shot(page, "05b-search-snapshot-asset")
 
     # A backlog appears (the model's vectors are cleared), then the sensor is turned on.
     import lancedb
@@ -242,17 +246,21 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     page.get_by_text("Running").first.wait_for()
     sensor_page = "/locations/retrieval_assets/sensors/fastembed_backlog_sensor"
 
-    def sensor_running() -> bool:
-        """Turn the "Running" toggle on; true once a fresh load of the page shows it on."""
-        switch = page.locator("input[type=checkbox]").first
-        if not switch.is_checked():
-            switch.evaluate("element => element.click()")  # the input is drawn off-screen
-            page.wait_for_timeout(3_000)
-        page.goto(server.base + sensor_page)
-        page.get_by_text("Running").first.wait_for()
-        return page.locator("input[type=checkbox]").first.is_checked()
+    # One click (the input is drawn off-screen), then the instance's own record decides: clicking
+    # again while the first click's mutation is still in flight (a loaded machine) would turn the
+    # sensor back off.
+    switch = page.locator("input[type=checkbox]").first
+    switch.evaluate("element => element.click()")
 
-    wait_for(sensor_running, 60, "the sensor to be turned on", every=1)
+    def sensor_status() -> str:
+        return sensor_state(server, "fastembed_backlog_sensor")["data"]["sensorOrError"][
+            "sensorState"
+        ]["status"]
+
+    wait_for(lambda: sensor_status() == "RUNNING", 60, "the sensor to be turned on", every=1)
+    page.goto(server.base + sensor_page)
+    page.get_by_text("Running").first.wait_for()
+    assert page.locator("input[type=checkbox]").first.is_checked()
     shot(page, "06-sensor-turned-on")
 
     def launched_runs() -> list[str]:
