@@ -69,7 +69,7 @@ def coarse_search(
     bypasses the index (the ground truth for recall).
 
     A search snapshot (`snapshot`) of the table's current version answers instead when no user
-    filter is set and only ids and fine vectors are asked for.
+    filter is set and it holds every column asked for.
     """
     wanted = columns or RESULT_COLUMNS
     if snapshot is not None and user is None and not exact and set(wanted) <= snapshot.columns:

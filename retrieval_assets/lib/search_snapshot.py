@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
+from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN, column_dims
 
 CURRENT = "CURRENT"
 # HNSW parameters, measured at 250,000 rows of real sentences (tests/benchmarks): f16 vectors
@@ -160,8 +160,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
 
     started = time.monotonic()
     version = table.version
-    dims = table.schema.field(FASTEMBED_COLUMN).type.list_size
-    fine_dims = table.schema.field(ST_COLUMN).type.list_size
+    dims, fine_dims = column_dims(table, FASTEMBED_COLUMN), column_dims(table, ST_COLUMN)
     where = f"{FASTEMBED_COLUMN} IS NOT NULL"
     rows = table.count_rows(where)
     previous = current(root)
@@ -181,7 +180,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         else:  # loaded, not viewed: it is changed in place and saved under the new snapshot
             index = Index.restore(str(previous.path / INDEX_FILE))
             seen = np.zeros(previous.rows, dtype=np.bool_)
-        touched = removed = 0
+        inserted = removed = 0
         done = 0
         reader = (
             table.search()
@@ -212,7 +211,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
                     removed += len(changed)
             if insert.any():
                 index.add(batch_keys[insert], coarse[insert])
-                touched += int(insert.sum())
+                inserted += int(insert.sum())
             batch_fine = batch.column(ST_COLUMN)
             keys[done : done + n] = batch_keys
             fine[done : done + n] = np.nan_to_num(vector_matrix(batch_fine))
@@ -243,7 +242,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    return BuildResult(version, rows, time.monotonic() - started, path, action, touched)
+    return BuildResult(version, rows, time.monotonic() - started, path, action, inserted)
 
 
 def _new_index(dims: int):
