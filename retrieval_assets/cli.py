@@ -203,10 +203,10 @@ def cmd_titan_dims(args: argparse.Namespace) -> int:
     with postgres.get_connection() as conn:
         old = embedding_dims(conn)
     if old == new:
-        print(f"conversation_chunks.embedding is already vector({new}); nothing to do")
+        print(f"conversation_chunks.embedding is already halfvec({new}); nothing to do")
         return 0
     path = write_titan_dims_revision(old, new)
-    print(f"wrote {path.relative_to(PROJECT_ROOT)}: vector({old}) -> vector({new}); commit it")
+    print(f"wrote {path.relative_to(PROJECT_ROOT)}: halfvec({old}) -> halfvec({new}); commit it")
     if postgres.embedded:
         ensure_schema(postgres.url, upgrade=True)
         print(

@@ -5,6 +5,8 @@
 -- {ef_search_floor}, filled in by the migration that installs this file) and pgvector 0.8's iterative scan
 -- keeps walking the graph until match_count rows qualify. relaxed_order returns rows slightly out
 -- of order, hence the final ORDER BY. SECURITY INVOKER: row-level security of the caller applies.
+-- The query arrives as `vector` (what clients send) and is cast once to the column's type,
+-- {embedding_type}, so the operator matches the HNSW index's opclass.
 CREATE OR REPLACE FUNCTION match_conversation_chunks_by_tier(
     query_embedding vector,
     match_tier text DEFAULT NULL,
@@ -28,6 +30,8 @@ RETURNS TABLE (
 LANGUAGE plpgsql STABLE SECURITY INVOKER
 AS $$
 #variable_conflict use_column
+DECLARE
+    query {embedding_type} := query_embedding::{embedding_type};
 BEGIN
     PERFORM set_config('hnsw.ef_search', greatest(match_count, {ef_search_floor})::text, true);
     PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
@@ -35,13 +39,13 @@ BEGIN
     WITH nearest AS MATERIALIZED (
         SELECT c.chunk_id, c.conversation_id, c.user_id, c.tier, c.turn_start, c.turn_end,
                c.roles, c.content, c.created_at, c.embedding_model,
-               c.embedding <=> query_embedding AS distance
+               c.embedding <=> query AS distance
         FROM conversation_chunks c
         WHERE c.embedding IS NOT NULL
           AND (filter_user_id IS NULL OR c.user_id = filter_user_id)
           AND (match_tier IS NULL OR c.tier = match_tier)
-          AND c.embedding <=> query_embedding <= 1 - match_threshold
-        ORDER BY c.embedding <=> query_embedding
+          AND c.embedding <=> query <= 1 - match_threshold
+        ORDER BY c.embedding <=> query
         LIMIT match_count
     )
     SELECT n.chunk_id, n.conversation_id, n.user_id, n.tier, n.turn_start, n.turn_end, n.roles,

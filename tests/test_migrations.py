@@ -95,6 +95,58 @@ def test_upgrade_replaces_an_ivfflat_index(fresh_url):
     command.upgrade(cfg, "head")
 
 
+def column_state(url: str) -> tuple[str, str, str | None]:
+    """(type, storage, the HNSW index's opclass) of conversation_chunks.embedding."""
+    with connect(url) as conn:
+        return conn.execute(
+            "SELECT format_type(a.atttypid, a.atttypmod), a.attstorage, "
+            "(SELECT o.opcname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            " JOIN pg_opclass o ON o.oid = x.indclass[0] "
+            " WHERE i.relname = 'conversation_chunks_embedding_hnsw') "
+            "FROM pg_attribute a WHERE a.attrelid = 'conversation_chunks'::regclass "
+            "AND a.attname = 'embedding'"
+        ).fetchone()
+
+
+def test_half_precision_keeps_stored_vectors_and_the_match_functions_work(fresh_url):
+    cfg = alembic_config(fresh_url)
+    command.downgrade(cfg, "base")
+    command.upgrade(cfg, "0005")
+    vector = [((i * 37) % 101 - 50) / 400 for i in range(1024)]
+    with connect(fresh_url) as conn:
+        conn.execute(
+            "INSERT INTO conversations (id, user_id, source, source_format, origin, "
+            "turns, turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+        )
+        conn.execute(
+            "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
+            "chunk_index, turn_start, turn_end, roles, content, content_hash, token_count, "
+            "embedding, embedding_model) VALUES ('k', 'u', 'c', 'medium', 0, 0, 0, '{user}', "
+            "'t', 'h', 1, %s::vector, 'titan')",
+            [str(vector)],
+        )
+    assert column_state(fresh_url) == ("vector(1024)", "e", "vector_cosine_ops")
+
+    def match() -> tuple[str, str, float]:
+        with connect(fresh_url) as conn:
+            return conn.execute(
+                "SELECT chunk_id, embedding_model, similarity FROM "
+                "match_conversation_chunks(%s::vector, 0.5, 5, 'u')",
+                [str(vector)],
+            ).fetchone()
+
+    for target, state in (
+        ("head", ("halfvec(1024)", "e", "halfvec_cosine_ops")),
+        ("0005", ("vector(1024)", "e", "vector_cosine_ops")),
+    ):
+        command.upgrade(cfg, target) if target == "head" else command.downgrade(cfg, target)
+        assert column_state(fresh_url) == state
+        chunk_id, model, similarity = match()  # the vector survived, still labelled
+        assert (chunk_id, model) == ("k", "titan")
+        assert similarity == pytest.approx(1.0, abs=1e-3)
+    command.upgrade(cfg, "head")
+
+
 def test_production_database_behind_head_is_a_clear_error(fresh_url):
     command.downgrade(alembic_config(fresh_url), "base")
     with pytest.raises(SchemaNotReady, match="alembic upgrade head"):
@@ -118,6 +170,9 @@ def test_offline_sql_renders_a_pasteable_script():
     assert "CREATE TABLE conversation_chunks" in sql
     assert "embedding        vector(1024)" in sql
     assert "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)" in sql
+    assert "ALTER COLUMN embedding TYPE halfvec(%s)" in sql  # 0006
+    assert "USING hnsw (embedding halfvec_cosine_ops) WITH (m = 16, ef_construction = 64)" in sql
+    assert "query halfvec := query_embedding::halfvec;" in sql
     assert "CREATE OR REPLACE FUNCTION match_conversation_chunks_by_tier" in sql
     assert "CREATE TABLE embedding_failures" in sql
     assert sql.rstrip().endswith("COMMIT;")

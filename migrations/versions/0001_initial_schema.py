@@ -18,7 +18,7 @@ from retrieval_assets.lib.models import (
 from retrieval_assets.lib.schema import (
     TITAN_MODEL_ID,
     configured_titan_dimensions,
-    read_sql,
+    match_functions_sql,
 )
 
 revision = "0001"
@@ -116,7 +116,7 @@ def upgrade() -> None:
             ('lancedb', 'conversation_chunks', 'vector', '{ST_MODEL}', NULL)
         """
     )
-    op.execute(read_sql("match_conversation_chunks.sql").replace("{ef_search_floor}", "40"))
+    op.execute(match_functions_sql(40, "vector"))
 
 
 def downgrade() -> None:

@@ -32,7 +32,7 @@ def upgrade() -> None:
         END $$
         """
     )
-    op.execute(hnsw_index_sql())
+    op.execute(hnsw_index_sql("vector"))
 
 
 def downgrade() -> None:

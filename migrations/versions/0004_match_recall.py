@@ -6,7 +6,7 @@ ef_search 40 gave recall@10 0.943, 100 gives 0.976 at p50 8 ms.
 
 from alembic import op
 
-from retrieval_assets.lib.schema import read_sql
+from retrieval_assets.lib.schema import match_functions_sql
 
 revision = "0004"
 down_revision = "0003"
@@ -15,7 +15,7 @@ depends_on = None
 
 
 def _install(floor: int) -> None:
-    op.execute(read_sql("match_conversation_chunks.sql").replace("{ef_search_floor}", str(floor)))
+    op.execute(match_functions_sql(floor, "vector"))
 
 
 def upgrade() -> None:

@@ -1,21 +1,27 @@
 """The Titan vector column in Postgres: who made it, what is missing, fast writes, failures.
 
-Writes go in batches: the batch's vectors are COPYed (binary) into a temporary staging table and
-applied with one UPDATE … FROM, in one transaction with the failure bookkeeping, so a batch is
-either fully recorded or not at all. Pending rows are read by keyset pagination on chunk_id
-(never OFFSET over a set that shrinks as it is filled).
+Writes go in batches: the batch's vectors are COPYed (binary, half precision as the column
+stores them) into a temporary staging table and applied with one UPDATE … FROM, in one
+transaction with the failure bookkeeping, so a batch is either fully recorded or not at all.
+Pending rows are read by keyset pagination on chunk_id (never OFFSET over a set that shrinks as
+it is filled).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import psycopg
 
-from retrieval_assets.lib.schema import HNSW_INDEX, embedding_dims, hnsw_index_sql
+from retrieval_assets.lib.schema import (
+    EMBEDDING_TYPE,
+    HNSW_INDEX,
+    embedding_dims,
+    hnsw_index_sql,
+)
 from retrieval_assets.lib.shards import like_pattern
 
 
@@ -27,8 +33,8 @@ def check_dimensions(conn: psycopg.Connection, dims: int) -> None:
     column = embedding_dims(conn)
     if column != dims:
         raise TitanSchemaMismatch(
-            f"conversation_chunks.embedding is vector({column}) but Titan is configured for "
-            f"{dims} dimensions (TITAN_DIMENSIONS). Migrate the column with "
+            f"conversation_chunks.embedding is {EMBEDDING_TYPE}({column}) but Titan is configured "
+            f"for {dims} dimensions (TITAN_DIMENSIONS). Migrate the column with "
             f"`retrieval-assets titan-dims {dims}`, or set TITAN_DIMENSIONS={column}."
         )
 
@@ -97,27 +103,56 @@ def pending_after(
     ).fetchall()
 
 
-def _binary_copy(ids: Sequence[str], vectors: np.ndarray) -> bytes | None:
-    """The whole batch as one COPY BINARY stream built by numpy, or None if an id is not one of
-    our 32-character hex ids (then rows are written one by one)."""
-    if not all(len(i) == 32 and i.isascii() for i in ids):
-        return None
+class VectorOutOfRange(ValueError):
+    """A vector has a component that half precision cannot hold (or NaN)."""
+
+
+HALF_MAX = float(np.finfo(np.float16).max)
+OUT_OF_RANGE = (
+    "the vector has a component that halfvec cannot store (NaN, infinite or beyond ±65504); "
+    "Titan with normalize=True never returns one"
+)
+
+
+def storable(vectors: np.ndarray) -> np.ndarray:
+    """Per row: can the column (half precision) hold this vector?"""
+    return (np.isfinite(vectors) & (np.abs(vectors) <= HALF_MAX)).all(axis=-1)
+
+
+def _binary_copy(ids: Sequence[str], vectors: np.ndarray) -> bytes:
+    """The whole batch as one COPY BINARY stream of (chunk_id text, embedding halfvec), built by
+    numpy; rows are grouped by id length (chunk ids all have one), order does not matter."""
+    ok = storable(vectors)
+    if not ok.all():
+        raise VectorOutOfRange(f"chunk {ids[int(np.flatnonzero(~ok)[0])]}: {OUT_OF_RANGE}")
+    encoded = np.array([i.encode() for i in ids], dtype=object)
+    lengths = np.array([len(e) for e in encoded])
+    body = b"".join(
+        _copy_rows(encoded[lengths == n].tolist(), vectors[lengths == n])
+        for n in np.unique(lengths)
+    )
+    return b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + body + b"\xff\xff"
+
+
+def _copy_rows(ids: list[bytes], vectors: np.ndarray) -> bytes:
+    """COPY BINARY rows for ids of one length: the field count, the id's length and bytes, the
+    halfvec's length, dims, an unused word and the components as big-endian float16."""
     dims = vectors.shape[1]
     row = np.dtype(
         [
             ("fields", ">i2"),
             ("id_len", ">i4"),
-            ("id", "S32"),
+            ("id", f"S{len(ids[0])}"),
             ("vec_len", ">i4"),
             ("dims", ">i2"),
             ("unused", ">i2"),
-            ("vec", ">f4", (dims,)),
+            ("vec", ">f2", (dims,)),
         ]
     )
     rows = np.empty(len(ids), dtype=row)
-    rows["fields"], rows["id_len"], rows["id"] = 2, 32, ids
-    rows["vec_len"], rows["dims"], rows["unused"], rows["vec"] = 4 + 4 * dims, dims, 0, vectors
-    return b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0) + rows.tobytes() + b"\xff\xff"
+    rows["fields"], rows["id_len"], rows["id"] = 2, len(ids[0]), ids
+    rows["vec_len"], rows["dims"], rows["unused"], rows["vec"] = 4 + 2 * dims, dims, 0, vectors
+    return rows.tobytes()
 
 
 def write_vectors(
@@ -129,21 +164,18 @@ def write_vectors(
     """
     if not rows:
         return 0
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS staging_vectors (chunk_id text, embedding vector) "
-        "ON COMMIT DELETE ROWS"
-    )
+    if conn.execute("SELECT to_regclass('pg_temp.staging_vectors') IS NULL").fetchone()[0]:
+        conn.execute(
+            f"CREATE TEMP TABLE staging_vectors (chunk_id text, embedding {EMBEDDING_TYPE}) "
+            "ON COMMIT DELETE ROWS"
+        )  # PLAIN: the batch lives one transaction; no TOAST round trip for it
+        conn.execute("ALTER TABLE staging_vectors ALTER COLUMN embedding SET STORAGE PLAIN")
     ids = [chunk_id for chunk_id, _ in rows]
     stream = _binary_copy(ids, np.stack([np.asarray(v, dtype=np.float32) for _, v in rows]))
     with conn.cursor().copy(
         "COPY staging_vectors (chunk_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
-        if stream is not None:
-            copy.write(stream)
-        else:
-            copy.set_types(["text", "vector"])
-            for chunk_id, vector in rows:
-                copy.write_row((chunk_id, vector))
+        copy.write(stream)
     updated = conn.execute(
         "UPDATE conversation_chunks c SET embedding = s.embedding, embedding_model = %s, "
         "embedded_at = now() FROM staging_vectors s WHERE c.chunk_id = s.chunk_id",
@@ -243,6 +275,12 @@ def embed_pending(
         while batch := pending_after(conn, after, batch_size, failed_this_run, shard):
             after = batch[-1][0]
             results = bedrock.embed_many([content for _, content, _ in batch], count_tokens)
+            results = [  # a vector the column cannot hold fails its row alone
+                replace(r, vector=None, error=OUT_OF_RANGE)
+                if r.vector is not None and not storable(r.vector)
+                else r
+                for r in results
+            ]
             done = [
                 (cid, r.vector)
                 for (cid, _, _), r in zip(batch, results, strict=True)

@@ -15,6 +15,7 @@ from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import postgres_search
 from retrieval_assets.lib.titan import (
     TitanSchemaMismatch,
+    VectorOutOfRange,
     check_dimensions,
     ensure_titan_model,
     replay_quarantine,
@@ -55,8 +56,7 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
             r[0] for r in conn.execute("SELECT DISTINCT embedding_model FROM conversation_chunks")
         }
         norms = conn.execute(
-            "SELECT min(vector_norm(embedding)), max(vector_norm(embedding)) "
-            "FROM conversation_chunks"
+            "SELECT min(l2_norm(embedding)), max(l2_norm(embedding)) FROM conversation_chunks"
         ).fetchone()
     assert models == {m["model"]} and m["model"].startswith("local-bedrock-endpoint:")
     assert norms == pytest.approx((1.0, 1.0), abs=1e-4)
@@ -117,6 +117,54 @@ def test_a_different_producer_clears_the_column_instead_of_mixing(make_resources
 def test_a_dimension_mismatch_says_how_to_migrate(db):
     with connect(db) as conn, pytest.raises(TitanSchemaMismatch, match="titan-dims 512"):
         check_dimensions(conn, 512)
+
+
+def add_chunks(conn, ids: list[str]) -> None:
+    conn.execute(
+        "INSERT INTO conversations (id, user_id, source, source_format, origin, turns, "
+        "turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+    )
+    for n, chunk_id in enumerate(ids):
+        conn.execute(
+            "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
+            "chunk_index, turn_start, turn_end, roles, content, content_hash, token_count) "
+            "VALUES (%s, 'u', 'c', 'medium', %s, 0, 0, '{user}', 't', 'h', 1)",
+            [chunk_id, n],
+        )
+
+
+def test_written_vectors_are_the_half_precision_of_what_was_sent(db):
+    """The COPY stream is built by hand (numpy), so read back what Postgres stored: every
+    component equals float16 rounding of the sent value, for ids of any length."""
+    ids = ["0" * 32, "f" * 32, "short-id", "an id with 'quotes' and spaces"]
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((len(ids), 1024)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with connect(db) as conn:
+        add_chunks(conn, ids)
+        with conn.transaction():
+            assert write_vectors(conn, list(zip(ids, vectors, strict=True)), "test-titan") == 4
+        stored = dict(conn.execute("SELECT chunk_id, embedding FROM conversation_chunks"))
+    for chunk_id, vector in zip(ids, vectors, strict=True):
+        assert np.array_equal(stored[chunk_id].to_numpy(), vector.astype(np.float16))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e6])
+def test_a_vector_half_precision_cannot_hold_is_refused_naming_its_chunk(db, bad):
+    ids = [f"{i:032x}" for i in range(3)]
+    vectors = np.full((3, 1024), 0.03125, dtype=np.float32)
+    vectors[1, 17] = bad
+    with connect(db) as conn:
+        add_chunks(conn, ids)
+        conn.commit()
+        with pytest.raises(VectorOutOfRange, match=ids[1]), conn.transaction():
+            write_vectors(conn, list(zip(ids, vectors, strict=True)), "test-titan")
+        assert (
+            conn.execute(  # the batch is all or nothing
+                "SELECT count(*) FROM conversation_chunks WHERE embedding IS NOT NULL"
+            ).fetchone()[0]
+            == 0
+        )
 
 
 # ------------------------------------------------------------------------ the match functions

@@ -64,7 +64,7 @@ def _titan_checks(
         pending, in_quarantine, stored = backlog(conn), quarantined(conn), embedding_dims(conn)
         lo, hi, sampled = conn.execute(
             "SELECT coalesce(min(n), 1), coalesce(max(n), 1), count(*) FROM (SELECT "
-            "vector_norm(embedding) AS n FROM conversation_chunks WHERE embedding IS NOT NULL "
+            "l2_norm(embedding) AS n FROM conversation_chunks WHERE embedding IS NOT NULL "
             "LIMIT %s) s",
             [NORM_SAMPLE],
         ).fetchone()
