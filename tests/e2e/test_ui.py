@@ -148,7 +148,10 @@ query ($selector: SensorSelector!) {
     ... on Sensor {
       sensorState {
         status
-        ticks(limit: 10) { status timestamp skipReason runIds error { message } }
+        ticks(limit: 10) {
+          status timestamp skipReason runIds
+          error { message errorChain { error { message stack } } }
+        }
       }
     }
     ... on PythonError { message }
