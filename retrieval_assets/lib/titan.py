@@ -176,15 +176,14 @@ def write_vectors(
         "COPY staging_vectors (chunk_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
         copy.write(stream)
-    updated = conn.execute(
-        "UPDATE conversation_chunks c SET embedding = s.embedding, embedding_model = %s, "
-        "embedded_at = now() FROM staging_vectors s WHERE c.chunk_id = s.chunk_id",
+    return conn.execute(  # one statement: the rows' vectors, and their failures forgotten
+        "WITH updated AS (UPDATE conversation_chunks c SET embedding = s.embedding, "
+        "embedding_model = %s, embedded_at = now() FROM staging_vectors s "
+        "WHERE c.chunk_id = s.chunk_id RETURNING c.chunk_id), "
+        "forgotten AS (DELETE FROM embedding_failures f USING updated u "
+        "WHERE f.chunk_id = u.chunk_id) SELECT count(*) FROM updated",
         [label],
-    ).rowcount
-    conn.execute(
-        "DELETE FROM embedding_failures f USING staging_vectors s WHERE f.chunk_id = s.chunk_id"
-    )
-    return updated
+    ).fetchone()[0]
 
 
 def record_failures(
