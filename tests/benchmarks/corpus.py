@@ -144,3 +144,57 @@ def hash_vector_endpoint(latency_ms: float = 0.0) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(10)
+
+
+@contextmanager
+def network_distance(url: str, rtt_ms: float) -> Iterator[str]:
+    """`url` (the embedded server's Unix socket) reached instead through a loopback TCP relay that
+    holds every chunk rtt_ms / 2 in each direction: a database across a network, as Supabase is
+    from the machine that writes to it. Yields the relayed URL."""
+    import queue
+    import socket
+    import threading
+
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(url)
+    target = f"{params['host']}/.s.PGSQL.{params.get('port', 5432)}"
+    delay = rtt_ms / 2000
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        held: queue.Queue = queue.Queue()
+
+        def release() -> None:
+            while (item := held.get()) is not None:
+                due, data = item
+                time.sleep(max(0.0, due - time.perf_counter()))
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=release, daemon=True)
+        sender.start()
+        while data := src.recv(1 << 20):
+            held.put((time.perf_counter() + delay, data))
+        held.put(None)
+        sender.join()
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(target)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield make_conninfo(url, host="127.0.0.1", port=listener.getsockname()[1])
+    finally:
+        stopping.set()
+        listener.close()
