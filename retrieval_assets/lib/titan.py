@@ -226,7 +226,7 @@ class TitanRunStats:
 
 
 # A backlog this large (and over half the table) is a bulk load: maintaining the HNSW graph row
-# by row would dominate (~300 vectors/s against ~15,000 without it, tests/benchmarks), so the
+# by row would dominate (~550 vectors/s against ~27,000 without it, tests/benchmarks), so the
 # index is dropped, the rows filled, and the index built once at the end.
 BULK_LOAD_ROWS = 20_000
 

@@ -51,6 +51,7 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
     embedded, missing = counts(db)
     assert missing == 0 and m["rows_embedded"] == embedded > 0 and m["nulls_remaining"] == 0
     assert m["vector_source"] == "local Bedrock endpoint" and m["dims"] == 1024
+    assert m["stored_as"] == "halfvec(1024)"
     with connect(db) as conn:
         models = {
             r[0] for r in conn.execute("SELECT DISTINCT embedding_model FROM conversation_chunks")

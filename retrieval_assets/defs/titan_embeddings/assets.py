@@ -9,6 +9,7 @@ from retrieval_assets.defs.conversations.assets import POSTGRES_CHUNKS
 from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.chunking import ChunkerResource
 from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.schema import EMBEDDING_TYPE
 from retrieval_assets.lib.titan import (
     backlog,
     build_hnsw,
@@ -82,6 +83,7 @@ def embed_titan(
         "model": bedrock.label,
         "vector_source": source,
         "dims": bedrock.dimensions,
+        "stored_as": f"{EMBEDDING_TYPE}({bedrock.dimensions})",
         "shard": shard or "all",
         "rows_embedded": stats.embedded,
         "rows_failed": stats.failed,
@@ -118,6 +120,7 @@ def titan_embeddings(
     chunker: ChunkerResource,
 ) -> dg.MaterializeResult:
     """Titan Text Embeddings v2 vectors of each chunk (`conversation_chunks.embedding`), the
-    production search path behind the match_conversation_chunks RPCs. Each row records what made
-    it: Amazon Bedrock, or the local Bedrock endpoint when no AWS credentials are configured."""
+    production search path behind the match_conversation_chunks RPCs, stored at half precision
+    (halfvec). Each row records what made it: Amazon Bedrock, or the local Bedrock endpoint when
+    no AWS credentials are configured."""
     return dg.MaterializeResult(metadata=embed_titan(context.log, postgres, bedrock, chunker))
