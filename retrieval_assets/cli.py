@@ -192,6 +192,7 @@ def cmd_replay_quarantine(_: argparse.Namespace) -> int:
 
 def cmd_titan_dims(args: argparse.Namespace) -> int:
     from retrieval_assets.lib.schema import (
+        EMBEDDING_TYPE,
         embedding_dims,
         ensure_schema,
         validate_titan_dimensions,
@@ -203,10 +204,13 @@ def cmd_titan_dims(args: argparse.Namespace) -> int:
     with postgres.get_connection() as conn:
         old = embedding_dims(conn)
     if old == new:
-        print(f"conversation_chunks.embedding is already halfvec({new}); nothing to do")
+        print(f"conversation_chunks.embedding is already {EMBEDDING_TYPE}({new}); nothing to do")
         return 0
     path = write_titan_dims_revision(old, new)
-    print(f"wrote {path.relative_to(PROJECT_ROOT)}: halfvec({old}) -> halfvec({new}); commit it")
+    print(
+        f"wrote {path.relative_to(PROJECT_ROOT)}: {EMBEDDING_TYPE}({old}) -> "
+        f"{EMBEDDING_TYPE}({new}); commit it"
+    )
     if postgres.embedded:
         ensure_schema(postgres.url, upgrade=True)
         print(
