@@ -14,6 +14,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, PROJECT_ROOT
 
@@ -58,10 +61,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _resources():
-    from retrieval_assets.defs.resources import defs
+@contextmanager
+def _resources(*keys: str) -> Iterator[Any]:
+    """The named resources as a run would have them: EnvVars resolved, set up, torn down after."""
+    import dagster as dg
 
-    return defs.resources
+    from retrieval_assets.defs.resources import resources_from_environment
+
+    bound = resources_from_environment()
+    with dg.build_resources({key: bound[key] for key in keys}) as resources:
+        yield resources
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -115,14 +124,19 @@ def _summarize(result, started: float) -> None:
         for event in result.all_events:
             if event.is_step_failure:
                 error = event.step_failure_data.error
-                while error.cause is not None:  # the user code's error, not Dagster's wrapper
+                # The first error that is not one of Dagster's wrappers: the project's own,
+                # which says what to fix (not the library error it was raised from).
+                while error.cause is not None and error.cls_name.startswith("Dagster"):
                     error = error.cause
                 print(f"\n{event.step_key} failed: {error.cls_name}: {error.message.strip()}")
 
 
 def cmd_status(_: argparse.Namespace) -> int:
-    resources = _resources()
-    postgres = resources["postgres"]
+    with _resources("postgres", "lancedb") as resources:
+        return _status(resources.postgres, resources.lancedb)
+
+
+def _status(postgres: Any, lancedb: Any) -> int:
     with postgres.get_connection() as conn:
         conversations = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
         chunks, missing = conn.execute(
@@ -132,7 +146,6 @@ def cmd_status(_: argparse.Namespace) -> int:
         f"postgres: {conversations} conversations, {chunks} chunks, "
         f"{missing} without a Titan vector"
     )
-    lancedb = resources["lancedb"]
     with lancedb.get_connection() as db:
         print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.location}")
     return 0
@@ -141,28 +154,30 @@ def cmd_status(_: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval_assets.lib.search import postgres_search, search
 
-    resources = _resources()
     if args.store == "postgres":
-        bedrock = resources["bedrock"]
-        try:
-            with resources["postgres"].get_connection() as conn:
+        with _resources("postgres", "bedrock") as resources:
+            with resources.postgres.get_connection() as conn:
                 hits = postgres_search(
-                    conn, bedrock.embed_query(args.query), k=args.k, user=args.user, tier=args.tier
+                    conn,
+                    resources.bedrock.embed_query(args.query),
+                    k=args.k,
+                    user=args.user,
+                    tier=args.tier,
                 )
-        finally:
-            bedrock.teardown_after_execution(None)
         lines = [(h.score, f"titan: {h.embedding_model}", h) for h in hits]
     else:
-        lancedb = resources["lancedb"]
-        with lancedb.get_connection() as db:
+        with (
+            _resources("lancedb", "fastembed", "sentence_transformer") as resources,
+            resources.lancedb.get_connection() as db,
+        ):
             hits = search(
-                lancedb.chunks_table(db),
-                resources["fastembed"],
-                resources["sentence_transformer"],
+                resources.lancedb.chunks_table(db),
+                resources.fastembed,
+                resources.sentence_transformer,
                 args.query,
                 k=args.k,
                 user=args.user,
-                snapshot=lancedb.search_snapshot(),
+                snapshot=resources.lancedb.search_snapshot(),
             )
         lines = [
             (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)
@@ -184,23 +199,28 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_replay_quarantine(_: argparse.Namespace) -> int:
     from retrieval_assets.lib.titan import replay_quarantine
 
-    with _resources()["postgres"].get_connection() as conn:
+    with _resources("postgres") as resources, resources.postgres.get_connection() as conn:
         released = replay_quarantine(conn)
     print(f"released {released} quarantined chunks; the next titan_embeddings run retries them")
     return 0
 
 
 def cmd_titan_dims(args: argparse.Namespace) -> int:
+    from retrieval_assets.lib.schema import validate_titan_dimensions
+
+    new = validate_titan_dimensions(args.dims)
+    with _resources("postgres") as resources:
+        return _titan_dims(resources.postgres, new)
+
+
+def _titan_dims(postgres: Any, new: int) -> int:
     from retrieval_assets.lib.schema import (
         EMBEDDING_TYPE,
         embedding_dims,
         ensure_schema,
-        validate_titan_dimensions,
         write_titan_dims_revision,
     )
 
-    new = validate_titan_dimensions(args.dims)
-    postgres = _resources()["postgres"]
     with postgres.get_connection() as conn:
         old = embedding_dims(conn)
     if old == new:
@@ -259,8 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.fn is not cmd_ui:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.dagster_args = extra
+    from retrieval_assets.lib.settings import ConfigError, check_environment
+
     try:
+        check_environment()  # before any work: a bad variable fails here, naming itself
         return args.fn(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,13 +1,11 @@
 """The one place resource keys are bound to instances.
 
-Every setting is an environment variable (listed in .env.example). Unset → the embedded default:
-a PostgreSQL+pgvector server and a LanceDB directory under .data/, the bundled sample export and
-the packaged models. Set → that value, resolved by Dagster at launch through dg.EnvVar (never
-read here, never shown in the UI). dg.EnvVar has no default of its own (dagster-io/dagster#16232)
-and an unset one fails the run, so `_env` binds it only when the variable exists.
+Every setting is an environment variable, declared once in lib/settings.py (and listed in
+.env.example). Unset → the embedded default: a PostgreSQL+pgvector server and a LanceDB directory
+under .data/, the bundled sample export and the packaged models. Set → that value, resolved by
+Dagster at launch through dg.EnvVar (never read here, never shown in the UI). The values are
+checked first, so a bad one fails this load in one line naming the variable.
 """
-
-import os
 
 import dagster as dg
 
@@ -17,67 +15,67 @@ from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransforme
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL, DEFAULT_ST_MODEL
 from retrieval_assets.lib.parsers import ConversationSourceResource, Limits
-from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, SAMPLE_DATA_DIR
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.schema import DEFAULT_TITAN_DIMENSIONS
+from retrieval_assets.lib.settings import (
+    AWS_CREDENTIAL_VARIABLES,
+    DEFAULT_SOURCE,
+    bind,
+    bind_int,
+    check_environment,
+    is_set,
+)
 
 
-def _env(name: str, default: str) -> str:
-    return dg.EnvVar(name) if name in os.environ else default
-
-
-def _env_int(name: str, default: int) -> int:
-    return dg.EnvVar.int(name) if name in os.environ else default
-
-
-def _bedrock() -> BedrockResource:
+def _bedrock(data_dir: str) -> BedrockResource:
     """Amazon Bedrock when AWS credentials are configured, else the local endpoint."""
-    aws = any(
-        v in os.environ for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
-    )
     common = {
-        "dimensions": _env_int("TITAN_DIMENSIONS", DEFAULT_TITAN_DIMENSIONS),
-        "max_concurrency": _env_int("BEDROCK_MAX_CONCURRENCY", 8),
-        "data_dir": DATA_DIR,
+        "dimensions": bind_int("TITAN_DIMENSIONS", DEFAULT_TITAN_DIMENSIONS),
+        "max_concurrency": bind_int("BEDROCK_MAX_CONCURRENCY", 8),
+        "data_dir": data_dir,
     }
-    if not aws:
+    if not any(is_set(name) for name in AWS_CREDENTIAL_VARIABLES):
         return BedrockResource(use_local_endpoint=True, **common)
     return BedrockResource(
-        region_name=_env("AWS_REGION", "us-east-1"),
-        aws_access_key_id=_env("AWS_ACCESS_KEY_ID", None),
-        aws_secret_access_key=_env("AWS_SECRET_ACCESS_KEY", None),
-        aws_session_token=_env("AWS_SESSION_TOKEN", None),
-        profile_name=_env("AWS_PROFILE", None),
-        endpoint_url=_env("BEDROCK_ENDPOINT_URL", None),
+        region_name=bind("AWS_REGION", "us-east-1"),
+        aws_access_key_id=bind("AWS_ACCESS_KEY_ID", None),
+        aws_secret_access_key=bind("AWS_SECRET_ACCESS_KEY", None),
+        aws_session_token=bind("AWS_SESSION_TOKEN", None),
+        profile_name=bind("AWS_PROFILE", None),
+        endpoint_url=bind("BEDROCK_ENDPOINT_URL", None),
         **common,
     )
 
 
-DATA_DIR = _env("RETRIEVAL_DATA_DIR", str(DEFAULT_DATA_DIR))
-
-defs = dg.Definitions(
-    resources={
-        "postgres": PostgresResource(database_url=_env("DATABASE_URL", ""), data_dir=DATA_DIR),
+def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
+    """Every resource, bound to the environment's variables (checked first)."""
+    check_environment()
+    data_dir = bind("RETRIEVAL_DATA_DIR", str(DEFAULT_DATA_DIR))
+    return {
+        "postgres": PostgresResource(database_url=bind("DATABASE_URL", ""), data_dir=data_dir),
         "lancedb": LanceDBResource(
-            uri=_env("LANCEDB_URI", ""),
-            data_dir=DATA_DIR,
-            keep_versions_minutes=_env_int("LANCEDB_KEEP_VERSIONS_MINUTES", 60),
+            uri=bind("LANCEDB_URI", ""),
+            data_dir=data_dir,
+            keep_versions_minutes=bind_int("LANCEDB_KEEP_VERSIONS_MINUTES", 60),
         ),
         "conversation_source": ConversationSourceResource(
-            path=_env("CONVERSATIONS_SOURCE", str(SAMPLE_DATA_DIR)),
-            default_user_id=_env("DEFAULT_USER_ID", "local-user"),
-            max_message_chars=_env_int("MAX_MESSAGE_CHARS", Limits.max_message_chars),
+            path=bind("CONVERSATIONS_SOURCE", DEFAULT_SOURCE),
+            default_user_id=bind("DEFAULT_USER_ID", "local-user"),
+            max_message_chars=bind_int("MAX_MESSAGE_CHARS", Limits.max_message_chars),
         ),
         "fastembed": FastEmbedResource(
-            model=_env("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=DATA_DIR
+            model=bind("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=data_dir
         ),
         "sentence_transformer": SentenceTransformerResource(
-            model=_env("ST_MODEL", DEFAULT_ST_MODEL), data_dir=DATA_DIR
+            model=bind("ST_MODEL", DEFAULT_ST_MODEL), data_dir=data_dir
         ),
-        "bedrock": _bedrock(),
+        "bedrock": _bedrock(data_dir),
         "chunker": ChunkerResource(
-            tokenizer_model=_env("ST_MODEL", DEFAULT_ST_MODEL),
-            tiers=_env("CHUNK_TIERS", DEFAULT_TIERS),
+            tokenizer_model=bind("ST_MODEL", DEFAULT_ST_MODEL),
+            tiers=bind("CHUNK_TIERS", DEFAULT_TIERS),
         ),
     }
-)
+
+
+defs = dg.Definitions(resources=resources_from_environment())

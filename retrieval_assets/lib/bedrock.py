@@ -22,6 +22,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import orjson
+from dagster._config.field_utils import IntEnvVar
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr, field_validator
 
@@ -104,7 +105,11 @@ class BedrockResource(ResourceWithBoto3Configuration):
 
     @field_validator("dimensions", mode="before")
     @classmethod
-    def _titan_dimensions(cls, value: object) -> int:
+    def _titan_dimensions(cls, value: object) -> object:
+        # An EnvVar is checked when Dagster resolves it (this runs again on the value then);
+        # int() on it here would raise "Attempted to directly retrieve environment variable".
+        if isinstance(value, dg.EnvVar | IntEnvVar):
+            return value
         return validate_titan_dimensions(value)
 
     @property

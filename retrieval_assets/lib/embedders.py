@@ -34,10 +34,10 @@ from retrieval_assets.lib.memory import tune_malloc
 from retrieval_assets.lib.models import (
     DEFAULT_FASTEMBED_MODEL,
     DEFAULT_ST_MODEL,
-    PACKAGED_MODELS,
-    ModelNotAvailable,
     fastembed_label,
+    fastembed_registry_source,
     local_model_dir,
+    locate_fastembed_model,
     sentence_transformers_label,
 )
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
@@ -354,23 +354,17 @@ class SentenceTransformerResource(_Embedder):
 def _load_fastembed(model: str, data_dir: Path, threads: int | None):
     from fastembed import TextEmbedding
 
-    supported = {m["model"].lower() for m in TextEmbedding.list_supported_models()}
-    cache_dir = data_dir / "fastembed_cache"
-    # A model shipped in an installed package is exported locally rather than downloaded.
-    if model.lower() in supported and model not in PACKAGED_MODELS:
-        try:
-            return TextEmbedding(
-                model, cache_dir=str(cache_dir), threads=threads, local_files_only=True
-            )
-        except Exception as exc:
-            raise ModelNotAvailable(
-                f"FastEmbed model {model!r} is not in the local FastEmbed cache ({cache_dir}): "
-                "fetch it once where the model hub is reachable (TextEmbedding(model, "
-                "cache_dir=...)) and copy the cache here, or set FASTEMBED_MODEL to a directory "
-                f"holding model.onnx ({type(exc).__name__}: {exc})"
-            ) from exc
+    locate_fastembed_model(model, data_dir)  # the project's own error if it is not here
     onnx_dir = Path(model).expanduser()
+    if not onnx_dir.is_dir() and fastembed_registry_source(model) is not None:
+        return TextEmbedding(
+            model,
+            cache_dir=str(data_dir / "fastembed_cache"),
+            threads=threads,
+            local_files_only=True,
+        )
     if not (onnx_dir / "model.onnx").is_file():
+        # A model shipped in an installed package is exported locally rather than downloaded.
         onnx_dir = export_onnx(model, data_dir / "onnx")
     return _load_custom_onnx(model, onnx_dir, threads)
 

@@ -60,6 +60,43 @@ def local_model_dir(name: str) -> Path:
         ) from exc
 
 
+def fastembed_registry_source(model: str) -> str | None:
+    """The Hugging Face repository FastEmbed's own registry loads `model` from, if it is a name
+    FastEmbed knows (and not one of the packaged models, which are exported locally instead)."""
+    if model in PACKAGED_MODELS:
+        return None
+    from fastembed import TextEmbedding
+
+    for description in TextEmbedding.list_supported_models():
+        if description["model"].lower() == model.lower():
+            return description["sources"].get("hf") or description["model"]
+    return None
+
+
+def locate_fastembed_model(model: str, data_dir: Path) -> None:
+    """Raise ModelNotAvailable unless FastEmbedResource can load `model` offline: a directory
+    holding model.onnx, a FastEmbed name whose files are in data_dir/fastembed_cache, or a
+    model local_model_dir finds (exported to ONNX on first use)."""
+    if (Path(model).expanduser() / "model.onnx").is_file():
+        return
+    source = None if Path(model).expanduser().is_dir() else fastembed_registry_source(model)
+    if source is None:
+        local_model_dir(model)
+        return
+    from huggingface_hub import snapshot_download
+
+    cache_dir = data_dir / "fastembed_cache"
+    try:
+        snapshot_download(source, cache_dir=str(cache_dir), local_files_only=True)
+    except Exception as exc:  # the hub raises several types for "not cached"
+        raise ModelNotAvailable(
+            f"FastEmbed model {model!r} is not in the local FastEmbed cache ({cache_dir}): "
+            "fetch it once where the model hub is reachable (TextEmbedding(model, cache_dir=...)) "
+            f"and copy the cache here, or use a directory holding model.onnx "
+            f"({type(exc).__name__})"
+        ) from exc
+
+
 def load_tokenizer(name: str):  # -> tokenizers.Tokenizer
     """The fast tokenizer of model `name`, without padding or truncation."""
     from tokenizers import Tokenizer

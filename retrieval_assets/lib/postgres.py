@@ -6,6 +6,7 @@ code runs through a Supabase/PgBouncer pooler in transaction mode.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -69,6 +70,15 @@ def embedded_url(data_dir: str | Path) -> str:
             raise
 
 
+class DatabaseUnavailable(RuntimeError):
+    """The configured database cannot be reached."""
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, to name in an error."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def connect(url: str, **kwargs) -> psycopg.Connection:
     """A connection without server-side prepared statements, with pgvector's types registered
     once the extension exists (before the first migration it does not)."""
@@ -118,7 +128,13 @@ class PostgresResource(dg.ConfigurableResource):
             ensure_schema(url, upgrade=True)  # the embedded default migrates itself
         else:
             url = self.database_url
-            ensure_schema(url, upgrade=False)  # production migrates as a deliberate step
+            try:
+                ensure_schema(url, upgrade=False)  # production migrates as a deliberate step
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(
+                    f"cannot connect to the database of DATABASE_URL ({redacted(url)}): "
+                    f"{' '.join(str(exc).split())}"
+                ) from exc
         return url
 
     @property
