@@ -193,8 +193,8 @@ def test_changing_titan_dimensions_migrates_without_mixing_vectors(fresh_url, tm
     with connect(fresh_url) as conn:
         conn.execute("TRUNCATE conversations CASCADE")
         conn.execute(
-            "INSERT INTO conversations (id, user_id, source, source_format, origin, "
-            "turns, turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+            "INSERT INTO conversations (id, external_id, user_id, source, source_format, origin, "
+            "turns, turn_count, content_hash) VALUES ('c', 'c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
         )
         conn.execute(
             "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "

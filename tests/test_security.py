@@ -58,9 +58,10 @@ def test_supabase_users_read_only_their_own_rows_even_through_match(supabase_lik
     with connect(supabase_like) as conn:  # the pipeline's role: the owner, not subject to RLS
         for user in (alice, bob):
             conn.execute(
-                "INSERT INTO conversations (id, user_id, source, source_format, origin, turns, "
-                "turn_count, content_hash) VALUES (%s, %s, 's', 'jsonl', 'o', '[]', 0, 'h')",
-                [f"conv-{user}", user],
+                "INSERT INTO conversations (id, external_id, user_id, source, source_format, "
+                "origin, turns, turn_count, content_hash) "
+                "VALUES (%s, %s, %s, 's', 'jsonl', 'o', '[]', 0, 'h')",
+                [f"conv-{user}", f"conv-{user}", user],
             )
             for i in range(5):
                 vector = rng.normal(size=dims).astype(np.float32)

@@ -314,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     embed = None
     if not args.hash_vectors:
         from retrieval_assets.lib.embedders import FastEmbedResource
+        from retrieval_assets.lib.settings import data_dir
 
-        embed = FastEmbedResource().embed_documents
+        # Its model export under RETRIEVAL_DATA_DIR, as every other process of the project.
+        embed = FastEmbedResource(data_dir=str(data_dir())).embed_documents
     endpoint = LocalBedrock(
         TitanVectors(embed),
         Faults(

@@ -6,9 +6,10 @@ one transaction: a failure anywhere leaves the stores as they were (never half-w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -25,9 +26,10 @@ from retrieval_assets.lib.lancedb_store import (
 from retrieval_assets.lib.parsers import Conversation, Turn, parse_timestamp
 
 _CONVERSATION_COLUMNS = (
-    "id, user_id, title, source, source_format, origin, turns, turn_count, content_hash, "
-    "created_at, updated_at"
+    "id, external_id, user_id, title, source, source_format, origin, turns, turn_count, "
+    "content_hash, created_at, updated_at"
 )
+_SAME_CONVERSATION = "c.user_id = s.user_id AND c.external_id = s.external_id"
 _CHUNK_INSERT_COLUMNS = ", ".join(CHUNK_COLUMNS)
 _READ_BATCH = 500
 _MIRROR_BATCH = 5_000
@@ -40,17 +42,37 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def conversation_key(user_id: str, external_id: str) -> str:
+    """The key a new conversation is stored under: one per (user, export id), so that two
+    users' exports reusing an id never meet. (Rows stored before revision 0007 keep their export
+    id as key; the key is assigned once and never recomputed.)"""
+    return hashlib.sha256(f"{user_id}\x1f{external_id}".encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Collision:
+    """A conversation of another source (same user and id, other content): left as stored."""
+
+    user_id: str
+    external_id: str
+    origin: str
+    stored_source: str
+
+
 @dataclass
 class IngestResult:
     staged: int = 0
     inserted: int = 0
     updated: int = 0
+    moved: int = 0
     deleted: int = 0
+    held_back: int = 0
     deletions_skipped: bool = False
+    collisions: list[Collision] = field(default_factory=list)
 
     @property
     def unchanged(self) -> int:
-        return self.staged - self.inserted - self.updated
+        return self.staged - self.inserted - self.updated - len(self.collisions)
 
 
 def ingest_conversations(
@@ -59,11 +81,16 @@ def ingest_conversations(
     *,
     source: str,
     propagate_deletions: Callable[[], bool],
+    held_back: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
 ) -> IngestResult:
     """Upsert `conversations` (streamed) for `source`; delete its vanished ones if allowed.
 
-    `propagate_deletions` is asked after the stream is exhausted: only a complete, clean read of
-    the source may delete conversations that are absent from it.
+    A conversation is its user's (user_id, export id): no export can change another user's.
+    The same user and id from another source is the same conversation when its content is the
+    same (the export moved or was renamed: it now belongs to `source`), and a collision left as
+    stored when it differs. `propagate_deletions` is asked after the stream is exhausted: only a
+    complete read of the source may delete conversations absent from it, and never those in
+    `held_back` (user id, export id) — records that were read but declined.
     """
     result = IngestResult()
     with conn.transaction():
@@ -77,6 +104,7 @@ def ingest_conversations(
             for c in conversations:
                 copy.write_row(
                     (
+                        conversation_key(c.user_id, c.id),
                         c.id,
                         c.user_id,
                         c.title,
@@ -91,20 +119,33 @@ def ingest_conversations(
                     )
                 )
                 result.staged += 1
+        result.collisions = [
+            Collision(*row)
+            for row in conn.execute(
+                f"""
+                DELETE FROM staging_conversations s USING conversations c
+                WHERE {_SAME_CONVERSATION} AND c.source <> s.source
+                  AND c.content_hash <> s.content_hash
+                RETURNING s.user_id, s.external_id, s.origin, c.source
+                """
+            )
+        ]
+        result.moved = conn.execute(
+            f"UPDATE conversations c SET source = s.source, origin = s.origin "
+            f"FROM staging_conversations s WHERE {_SAME_CONVERSATION} AND c.source <> s.source"
+        ).rowcount
         inserted, updated = conn.execute(
             f"""
             WITH upserted AS (
                 INSERT INTO conversations AS c ({_CONVERSATION_COLUMNS})
                 SELECT {_CONVERSATION_COLUMNS} FROM staging_conversations
-                ON CONFLICT (id) DO UPDATE SET
-                    user_id = EXCLUDED.user_id, title = EXCLUDED.title, source = EXCLUDED.source,
-                    source_format = EXCLUDED.source_format, origin = EXCLUDED.origin,
-                    turns = EXCLUDED.turns, turn_count = EXCLUDED.turn_count,
-                    content_hash = EXCLUDED.content_hash, created_at = EXCLUDED.created_at,
-                    updated_at = EXCLUDED.updated_at, ingested_at = now()
+                ON CONFLICT (user_id, external_id) DO UPDATE SET
+                    title = EXCLUDED.title, source_format = EXCLUDED.source_format,
+                    origin = EXCLUDED.origin, turns = EXCLUDED.turns,
+                    turn_count = EXCLUDED.turn_count, content_hash = EXCLUDED.content_hash,
+                    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
+                    ingested_at = now()
                 WHERE c.content_hash IS DISTINCT FROM EXCLUDED.content_hash
-                   OR c.user_id IS DISTINCT FROM EXCLUDED.user_id
-                   OR c.source IS DISTINCT FROM EXCLUDED.source
                 RETURNING (xmax = 0) AS inserted
             )
             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
@@ -113,9 +154,23 @@ def ingest_conversations(
         ).fetchone()
         result.inserted, result.updated = inserted, updated
         if propagate_deletions():
+            conn.execute(
+                "CREATE TEMP TABLE held_back (user_id text, external_id text) ON COMMIT DROP"
+            )
+            with conn.cursor().copy("COPY held_back (user_id, external_id) FROM STDIN") as copy:
+                for identity in held_back():
+                    copy.write_row(identity)
+            result.held_back = conn.execute(
+                f"SELECT count(*) FROM conversations c JOIN held_back s ON {_SAME_CONVERSATION} "
+                "WHERE c.source = %s",
+                [source],
+            ).fetchone()[0]
             result.deleted = conn.execute(
-                "DELETE FROM conversations c WHERE c.source = %s AND NOT EXISTS "
-                "(SELECT 1 FROM staging_conversations s WHERE s.id = c.id)",
+                f"""
+                DELETE FROM conversations c WHERE c.source = %s
+                AND NOT EXISTS (SELECT 1 FROM staging_conversations s WHERE {_SAME_CONVERSATION})
+                AND NOT EXISTS (SELECT 1 FROM held_back s WHERE {_SAME_CONVERSATION})
+                """,
                 [source],
             ).rowcount
         else:

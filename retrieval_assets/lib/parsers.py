@@ -10,6 +10,13 @@ Formats, detected per record so one directory can hold several:
 Nothing is loaded whole: JSON arrays go through ijson, JSONL line by line (plus an index of byte
 offsets per conversation, so interleaved messages still group correctly). Every problem is recorded
 on the `ParseReport` with the file and position; good records keep flowing.
+
+Two kinds of problem, kept apart because deletions depend on them:
+- a part of the source that could not be read (a directory or file this process cannot open, a
+  corrupt zip, JSON cut short, a JSONL line that is not JSON) makes the read *incomplete*: what
+  it held is unknown, so nothing may be deleted;
+- a record that was read but declined (wrong shape, no id, no text) is *rejected* and counted.
+  The read stays complete; a rejected record whose id is known keeps its stored version.
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import itertools
 import json
+import os
 import re
 import zipfile
+import zlib
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,10 +45,17 @@ from pydantic import Field
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".zip")
+# Zips inside zips are read too, down to this depth (a bound against archive bombs).
+MAX_ZIP_DEPTH = 3
+# Objects and arrays nested deeper than this inside one record reject that record (ijson's own
+# builder is quadratic in depth: 200 KB of brackets took minutes).
+MAX_NESTING = 64
 USER_ROLES = frozenset({"user", "human"})
 # C0 controls other than tab, newline and carriage return (Postgres text cannot even hold NUL).
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ESCAPED_BYTES = re.compile(r"[\udc80-\udcff]")
+# Any UTF-16 surrogate left in decoded text is a lone one (JSON "\\udfff"): not encodable.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 _READ_SIZE = 1 << 16
 _MAX_KEPT_PROBLEMS = 200
 
@@ -63,6 +81,9 @@ class Turn:
 
 @dataclass(frozen=True)
 class Conversation:
+    """One conversation. `id` is the export's id when parsed, and the stored key (unique per
+    user and export id, see ingest.conversation_key) when read back from Postgres."""
+
     id: str
     user_id: str
     title: str | None
@@ -106,6 +127,7 @@ class ParseReport:
 
     on_problem: Callable[[Problem], None] | None = None
     files: list[str] = field(default_factory=list)
+    # Paths (files, directories, zip members) that could not be read to their end.
     incomplete_files: list[str] = field(default_factory=list)
     records: int = 0
     conversations: int = 0
@@ -113,9 +135,11 @@ class ParseReport:
     rejected: int = 0
     warnings: int = 0
     errors: int = 0
-    # Whole records (not single messages) that could not be read: their ids are unknown, so
-    # absence from this read proves nothing and deletions must wait for a clean read.
+    # Whole records (not single messages) that were read but declined.
     rejected_records: int = 0
+    # (user id, conversation id) of rejected records whose id could be read: their stored
+    # versions are kept, not deleted as vanished.
+    held_back: set[tuple[str, str]] = field(default_factory=set)
     problems: list[Problem] = field(default_factory=list)
 
     def add(self, problem: Problem) -> None:
@@ -130,24 +154,59 @@ class ParseReport:
         if self.on_problem is not None:
             self.on_problem(problem)
 
-    def reject_record(self, file: str, position: str, reason: str) -> None:
+    def reject_record(
+        self, file: str, position: str, reason: str, identity: tuple[str, str] | None = None
+    ) -> None:
         self.rejected_records += 1
+        if identity is not None:
+            self.held_back.add(identity)
         self.add(Problem("rejected", file, position, reason))
+
+    def unreadable(self, path: str, position: str, reason: str) -> None:
+        """A part of the source that could not be read: the read is incomplete."""
+        self.incomplete_files.append(path)
+        self.add(Problem("error", path, position, reason))
 
     @property
     def complete(self) -> bool:
-        """True when every file and record was read, so absence from the source means deletion."""
-        return not self.incomplete_files and not self.rejected_records
+        """True when every path under the source was read to its end, so that absence from the
+        source means deletion. Declined records do not make a read incomplete."""
+        return not self.incomplete_files
 
 
-def source_files(source: Path) -> list[Path]:
-    """The export files under `source` (a file or a directory), in a stable order."""
+def _error_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_export(name: str) -> bool:
+    return name.lower().endswith(SUPPORTED_SUFFIXES)
+
+
+def source_files(source: Path, report: ParseReport | None = None) -> list[Path]:
+    """The export files under `source` (a file or a directory), in a stable order.
+
+    A directory that cannot be listed is reported as unreadable (Path.rglob skips it silently, and
+    its conversations would then count as deleted)."""
     if not source.exists():
         raise FileNotFoundError(f"conversation source {source} does not exist")
-    if source.is_file():
+    if not source.is_dir():
         return [source]
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in SUPPORTED_SUFFIXES)
-    if not files:
+
+    def unreadable(error: OSError) -> None:
+        if report is not None:
+            report.unreadable(
+                str(error.filename or source),
+                "directory",
+                f"cannot be listed: {_error_text(error)}",
+            )
+
+    files = []
+    for folder, dirs, names in os.walk(source, onerror=unreadable):
+        dirs.sort()
+        files += [Path(folder) / n for n in names if _is_export(n)]
+    files.sort()
+    if not files and not (report and report.incomplete_files):
         raise FileNotFoundError(
             f"conversation source {source} holds no {', '.join(SUPPORTED_SUFFIXES)} files"
         )
@@ -161,42 +220,70 @@ def read_conversations(
     report: ParseReport,
     limits: Limits = Limits(),
 ) -> Iterator[Conversation]:
-    """Yield every valid conversation under `source`; problems go to `report`."""
-    first_seen: dict[str, str] = {}
-    for path in source_files(source):
-        for name, opener in _members(path):
+    """Yield every valid conversation under `source`; problems go to `report`.
+
+    Nothing raised while reading one file or record escapes: it is recorded with its place."""
+    first_seen: dict[tuple[str, str], str] = {}
+    for path in source_files(source, report):
+        for name, opener in _members(path, report):
             report.files.append(name)
-            reader = _read_jsonl if name.endswith(".jsonl") else _read_json
-            for conv in reader(name, opener, default_user_id, limits, report):
-                if conv.id in first_seen:
-                    report.add(
-                        Problem(
-                            "rejected",
-                            name,
-                            conv.origin,
-                            f"duplicate conversation id {conv.id!r} "
-                            f"(first at {first_seen[conv.id]})",
+            reader = _read_jsonl if name.lower().endswith(".jsonl") else _read_json
+            try:
+                for conv in reader(name, opener, default_user_id, limits, report):
+                    identity = (conv.user_id, conv.id)
+                    if identity in first_seen:
+                        report.add(
+                            Problem(
+                                "rejected",
+                                name,
+                                conv.origin,
+                                f"duplicate conversation id {conv.id!r} of user "
+                                f"{conv.user_id!r} (first at {first_seen[identity]})",
+                            )
                         )
-                    )
-                    continue
-                first_seen[conv.id] = f"{name}: {conv.origin}"
-                report.conversations += 1
-                report.turns += len(conv.turns)
-                yield conv
+                        continue
+                    first_seen[identity] = f"{name}: {conv.origin}"
+                    report.conversations += 1
+                    report.turns += len(conv.turns)
+                    yield conv
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                report.unreadable(name, "while reading", f"cannot be read: {_error_text(exc)}")
 
 
 Opener = Callable[[], IO[bytes]]
 
 
-def _members(path: Path) -> Iterator[tuple[str, Opener]]:
-    """(display name, opener) for a plain file or each export file inside a zip."""
-    if path.suffix != ".zip":
+def _members(path: Path, report: ParseReport) -> Iterator[tuple[str, Opener]]:
+    """(display name, opener) for a plain file or each export file inside a zip (and inside
+    zips within it); an archive that cannot be opened is reported, not raised."""
+    if not path.name.lower().endswith(".zip"):
         yield str(path), lambda: path.open("rb")
         return
-    with zipfile.ZipFile(path) as archive:
-        for info in sorted(archive.infolist(), key=lambda i: i.filename):
-            if info.filename.endswith((".json", ".jsonl")) and not info.is_dir():
-                yield f"{path}!{info.filename}", lambda info=info: archive.open(info)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            yield from _archive_members(str(path), archive, report, depth=1)
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        report.unreadable(str(path), "archive", f"cannot be opened: {_error_text(exc)}")
+
+
+def _archive_members(
+    name: str, archive: zipfile.ZipFile, report: ParseReport, depth: int
+) -> Iterator[tuple[str, Opener]]:
+    for info in sorted(archive.infolist(), key=lambda i: i.filename):
+        member = f"{name}!{info.filename}"
+        if info.is_dir() or not _is_export(info.filename):
+            continue
+        if not info.filename.lower().endswith(".zip"):
+            yield member, lambda info=info: archive.open(info)
+            continue
+        if depth >= MAX_ZIP_DEPTH:
+            report.unreadable(member, "archive", f"zip nested deeper than {MAX_ZIP_DEPTH}")
+            continue
+        try:
+            with archive.open(info) as raw, zipfile.ZipFile(raw) as inner:
+                yield from _archive_members(member, inner, report, depth + 1)
+        except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            report.unreadable(member, "archive", f"cannot be opened: {_error_text(exc)}")
 
 
 # --------------------------------------------------------------------------- JSON arrays
@@ -247,6 +334,65 @@ class _Utf8Repair(io.RawIOBase):
         return _ESCAPED_BYTES.sub("\ufffd", text)
 
 
+class _TooDeep(Exception):
+    pass
+
+
+def _json_values(events: Iterator[tuple[str, Any]], top: str) -> Iterator[Any]:
+    """The records of a JSON document from ijson.basic_parse events: each item of a top-level
+    array, or the top-level object itself. Built iteratively; a record nested deeper than
+    MAX_NESTING yields a _TooDeep in its place (its events are skipped, in linear time)."""
+    depth = 0  # within the current record
+    stack: list[Any] = []
+    keys: list[str | None] = []
+    skipping = False
+    record_depth = 1 if top == "start_array" else 0
+    for event, value in events:
+        if depth == 0 and record_depth == 1 and event in ("end_array",):
+            return  # end of the top-level array
+        if event in ("start_map", "start_array"):
+            depth += 1
+            if skipping:
+                continue
+            if depth > MAX_NESTING:
+                skipping = True
+                continue
+            container: Any = {} if event == "start_map" else []
+            if stack:
+                _attach(stack[-1], keys, container)
+            stack.append(container)
+            keys.append(None)
+            continue
+        if event in ("end_map", "end_array"):
+            depth -= 1
+            if not skipping:
+                done = stack.pop()
+                keys.pop()
+                if not stack:
+                    yield done
+            elif depth == 0:
+                skipping = False
+                stack.clear()
+                keys.clear()
+                yield _TooDeep()
+            continue
+        if skipping:
+            continue
+        if event == "map_key":
+            keys[-1] = value
+        elif stack:
+            _attach(stack[-1], keys, value)
+        else:
+            yield value  # a scalar record (an array of numbers, say): rejected by shape
+
+
+def _attach(container: Any, keys: list[str | None], value: Any) -> None:
+    if isinstance(container, dict):
+        container[keys[-1]] = value
+    else:
+        container.append(value)
+
+
 def _read_json(
     name: str, opener: Opener, default_user: str, limits: Limits, report: ParseReport
 ) -> Iterator[Conversation]:
@@ -258,48 +404,73 @@ def _read_json(
             ),
         )
         buffered = io.BufferedReader(stream, buffer_size=_READ_SIZE)
-        head = buffered.peek(_READ_SIZE).lstrip()[:1]
-        prefix = "" if head == b"{" else "item"
         index = -1
         try:
-            for index, record in enumerate(ijson.items(buffered, prefix, use_float=True)):
+            events = ijson.basic_parse(buffered, use_float=True)
+            top = next(events, ("", None))[0]
+            if top not in ("start_array", "start_map"):
+                raise ijson.JSONError("the file holds neither a JSON array nor an object")
+            if top == "start_map":
+                events = itertools.chain([("start_map", None)], events)
+            for index, record in enumerate(_json_values(events, top)):
                 report.records += 1
                 origin = f"record {index} (near byte {stream.offset})"
+                if isinstance(record, _TooDeep):
+                    report.reject_record(
+                        name, origin, f"nested deeper than {MAX_NESTING} levels; record skipped"
+                    )
+                    continue
                 conv = _from_record(record, name, origin, default_user, limits, report)
                 if conv is not None:
                     yield conv
         except ijson.JSONError as exc:
-            report.incomplete_files.append(name)
-            report.add(
-                Problem(
-                    "error",
-                    name,
-                    f"after record {index} (near byte {stream.offset})",
-                    f"file is truncated or not valid JSON, rest of file skipped: {exc}",
-                )
+            report.unreadable(
+                name,
+                f"after record {index} (near byte {stream.offset})",
+                f"file is truncated or not valid JSON, rest of file skipped: {exc}",
             )
 
 
 def _from_record(
     record: Any, name: str, origin: str, default_user: str, limits: Limits, report: ParseReport
 ) -> Conversation | None:
+    """The record as a conversation, or None with the reason recorded. Nothing raised by a
+    record's content escapes: an unexpected error is that record's rejection."""
     try:
         if not isinstance(record, dict):
             raise BadRecord(f"expected an object, got {type(record).__name__}")
         if "mapping" in record:
-            fmt, meta, raw_turns = "chatgpt", *_chatgpt(record, limits)
+            fmt, meta, raw_turns = "chatgpt", *_chatgpt(record, name, origin, limits, report)
         elif "chat_messages" in record:
-            fmt, meta, raw_turns = "claude", *_claude(record)
+            fmt, meta, raw_turns = "claude", *_claude(record, name, origin, report)
         elif isinstance(record.get("conversations"), list):
             fmt, meta, raw_turns = "sharegpt", *_sharegpt(record)
         else:
             raise BadRecord(
                 "not a ChatGPT (mapping), Claude (chat_messages) or ShareGPT (conversations) "
-                f"record; keys: {sorted(record)[:8]}"
+                f"record; keys: {sorted(map(str, record))[:8]}"
             )
         return _build(fmt, meta, raw_turns, name, origin, default_user, limits, report)
     except BadRecord as exc:
-        report.reject_record(name, origin, str(exc))
+        reason = str(exc)
+    except Exception as exc:  # a shape no check foresaw: this record only
+        reason = f"cannot be read as a conversation ({_error_text(exc)})"
+    report.reject_record(name, origin, reason, _identity(record, default_user))
+    return None
+
+
+def _identity(record: Any, default_user: str) -> tuple[str, str] | None:
+    """(user id, conversation id) of a declined record, when both can be read as ids."""
+    if not isinstance(record, dict):
+        return None
+    conv_id = next(
+        (record[k] for k in ("conversation_id", "id", "uuid") if record.get(k) is not None), None
+    )
+    account = record.get("account")
+    user = account.get("uuid") if isinstance(account, dict) else record.get("user_id")
+    try:
+        return (_checked_id(user, "user id") if user else default_user), _checked_id(conv_id, "id")
+    except BadRecord:
         return None
 
 
@@ -334,17 +505,20 @@ MAX_ROLE_CHARS = 64
 RawTurn = tuple[Any, Any, Any]  # role, content, created_at as found in the record
 
 
-def _chatgpt(record: dict[str, Any], limits: Limits) -> tuple[_Meta, list[RawTurn]]:
+def _chatgpt(
+    record: dict[str, Any], name: str, origin: str, limits: Limits, report: ParseReport
+) -> tuple[_Meta, list[RawTurn]]:
     mapping = record["mapping"]
     if not isinstance(mapping, dict):
         raise BadRecord("'mapping' is not an object")
     node_id = record.get("current_node")
-    if node_id is None:  # older exports: take the last leaf
-        leaves = [k for k, v in mapping.items() if isinstance(v, dict) and not v.get("children")]
-        node_id = leaves[-1] if leaves else None
+    if node_id is None:
+        node_id = _latest_leaf(mapping, name, origin, report)
     branch: list[dict[str, Any]] = []
     seen: set[str] = set()
     while node_id is not None:
+        if not isinstance(node_id, str):
+            raise BadRecord(f"message tree refers to a node id that is not text: {node_id!r:.40}")
         if node_id in seen:
             raise BadRecord(f"message tree has a cycle at node {node_id!r}")
         if len(seen) >= limits.max_turns:
@@ -356,6 +530,7 @@ def _chatgpt(record: dict[str, Any], limits: Limits) -> tuple[_Meta, list[RawTur
         branch.append(node)
         node_id = node.get("parent")
     turns: list[RawTurn] = []
+    skipped_parts = 0
     for node in reversed(branch):
         message = node.get("message")
         if not isinstance(message, dict):
@@ -363,11 +538,17 @@ def _chatgpt(record: dict[str, Any], limits: Limits) -> tuple[_Meta, list[RawTur
         metadata = message.get("metadata") or {}
         if isinstance(metadata, dict) and metadata.get("is_visually_hidden_from_conversation"):
             continue
-        role = (message.get("author") or {}).get("role")
-        text = _chatgpt_text(message.get("content"))
+        author = message.get("author")
+        role = author.get("role") if isinstance(author, dict) else None
+        text, skipped = _chatgpt_text(message.get("content"))
+        skipped_parts += skipped
         if role == "system" and not (text or "").strip():
             continue  # the empty root and system scaffolding, not a user's message
         turns.append((role, text, message.get("create_time")))
+    if skipped_parts:
+        report.add(
+            Problem("warning", name, origin, f"{skipped_parts} non-text message parts skipped")
+        )
     meta = _Meta(
         id=record.get("conversation_id") or record.get("id"),
         title=record.get("title"),
@@ -377,32 +558,74 @@ def _chatgpt(record: dict[str, Any], limits: Limits) -> tuple[_Meta, list[RawTur
     return meta, turns
 
 
-def _chatgpt_text(content: Any) -> Any:
+def _latest_leaf(mapping: dict[str, Any], name: str, origin: str, report: ParseReport) -> Any:
+    """Older exports name no current node: the leaf whose message is newest is the branch the
+    user last saw (a regenerated answer is an older sibling); ties keep the later leaf."""
+    leaves = [(k, v) for k, v in mapping.items() if isinstance(v, dict) and not v.get("children")]
+    if not leaves:
+        return None
+    if len(leaves) > 1:
+        report.add(
+            Problem(
+                "warning",
+                name,
+                origin,
+                f"no current_node: the newest of {len(leaves)} branches was kept",
+            )
+        )
+
+    def created(item: tuple[str, Any]) -> float:
+        message = item[1].get("message")
+        stamp = parse_timestamp(message.get("create_time")) if isinstance(message, dict) else None
+        return stamp.timestamp() if stamp else float("-inf")
+
+    return max(enumerate(leaves), key=lambda pair: (created(pair[1]), pair[0]))[1][0]
+
+
+def _chatgpt_text(content: Any) -> tuple[Any, int]:
+    """The text of a ChatGPT message's content, and how many non-text parts were left out."""
     if not isinstance(content, dict):
-        return content
+        return content, 0
     parts = content.get("parts")
     if isinstance(parts, list):
-        texts = [p if isinstance(p, str) else p.get("text") for p in parts if p is not None]
-        return "\n".join(t for t in texts if isinstance(t, str))
-    return content.get("text") or content.get("result") or ""
+        texts = [
+            p if isinstance(p, str) else p.get("text") if isinstance(p, dict) else None
+            for p in parts
+            if p is not None
+        ]
+        kept = [t for t in texts if isinstance(t, str)]
+        return "\n".join(kept), len(texts) - len(kept)
+    text = content.get("text") or content.get("result") or ""
+    return text, 0
 
 
-def _claude(record: dict[str, Any]) -> tuple[_Meta, list[RawTurn]]:
+def _claude(
+    record: dict[str, Any], name: str, origin: str, report: ParseReport
+) -> tuple[_Meta, list[RawTurn]]:
     messages = record["chat_messages"]
     if not isinstance(messages, list):
         raise BadRecord("'chat_messages' is not a list")
     turns: list[RawTurn] = []
+    skipped: Counter[str] = Counter()
     for m in messages:
         if not isinstance(m, dict):
             raise BadRecord("a chat message is not an object")
         text = m.get("text")
-        if not text and isinstance(m.get("content"), list):
-            text = "\n".join(
-                c.get("text", "")
-                for c in m["content"]
-                if isinstance(c, dict) and c.get("type") == "text"
-            )
+        blocks = m.get("content") if isinstance(m.get("content"), list) else []
+        block_texts = []
+        for block in blocks:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                block_texts.append(block["text"])
+            elif kind != "text" or block.get("text") is not None:
+                # tool_use, tool_result, thinking, images...: not the conversation's text
+                skipped[str(kind)[:40]] += 1
+        if not (isinstance(text, str) and text):
+            text = "\n".join(block_texts)
         turns.append((m.get("sender"), text, m.get("created_at")))
+    if skipped:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items()))
+        report.add(Problem("warning", name, origin, f"content blocks not indexed: {kinds}"))
     account = record.get("account")
     meta = _Meta(
         id=record.get("uuid"),
@@ -429,6 +652,19 @@ def _sharegpt(record: dict[str, Any]) -> tuple[_Meta, list[RawTurn]]:
     return meta, turns
 
 
+def _checked_id(value: Any, what: str) -> str:
+    """An id as text. Ids are compared exactly, so one that only cleaning could store (control
+    characters, lone surrogates) is refused rather than merged with another id."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise BadRecord(f"conversation {what} is not text: {type(value).__name__}")
+    text = str(value).strip()
+    if not text:
+        raise BadRecord(f"conversation has no {what}")
+    if _CONTROL_CHARS.search(text) or _SURROGATES.search(text) or "\x00" in text:
+        raise BadRecord(f"conversation {what} {text[:40]!r} holds control characters")
+    return text
+
+
 def _build(
     fmt: str,
     meta: _Meta,
@@ -441,7 +677,8 @@ def _build(
 ) -> Conversation:
     if meta.id is None or (isinstance(meta.id, str) and not meta.id.strip()):
         raise BadRecord("conversation has no id")
-    conv_id = _clean(str(meta.id)).strip()
+    conv_id = _checked_id(meta.id, "id")
+    user_id = _checked_id(meta.user_id, "user id") if meta.user_id else default_user
     turns: list[Turn] = []
     for i, (role, content, created) in enumerate(raw_turns):
         where = f"{origin}, message {i}"
@@ -474,10 +711,15 @@ def _build(
                     f"{len(content) - len(cleaned)} control characters removed",
                 )
             )
+        if _SURROGATES.search(cleaned):
+            cleaned = _SURROGATES.sub("\ufffd", cleaned)
+            report.add(
+                Problem("warning", name, where, "lone surrogate escapes replaced with U+FFFD")
+            )
         if not cleaned.strip():
             report.add(Problem("warning", name, where, "empty message skipped"))
             continue
-        speaker = _clean(role).strip()
+        speaker = _text(role).strip()
         if speaker.lower() not in KNOWN_ROLES:
             report.add(
                 Problem(
@@ -495,8 +737,8 @@ def _build(
     stamps = [t.created_at for t in turns if t.created_at]
     return Conversation(
         id=conv_id,
-        user_id=_clean(str(meta.user_id)) if meta.user_id else default_user,
-        title=_clean(meta.title) if isinstance(meta.title, str) else None,
+        user_id=user_id,
+        title=_text(meta.title) if isinstance(meta.title, str) else None,
         source_format=fmt,
         origin=origin,
         turns=tuple(turns),
@@ -507,6 +749,12 @@ def _build(
 
 def _clean(text: str) -> str:
     return _CONTROL_CHARS.sub("", text)
+
+
+def _text(text: str) -> str:
+    """Free text (titles, speaker names) as storable text: no control characters, no lone
+    surrogates."""
+    return _SURROGATES.sub("\ufffd", _clean(text))
 
 
 def parse_timestamp(value: Any) -> datetime | None:
@@ -543,7 +791,7 @@ def _read_jsonl(
             messages = []
             for offset in conv_offsets:
                 raw.seek(offset)
-                messages.append(json.loads(raw.readline()))
+                messages.append(_json_line(raw.readline(), first=offset == 0)[0])
             where = f"conversation starting at byte {conv_offsets[0]}"
             yield from _jsonl_conversation(
                 name, where, conv_id, messages, default_user, limits, report
@@ -568,10 +816,25 @@ def _jsonl_group_sequential(
         yield from _jsonl_conversation(name, where, conv_id, messages, default_user, limits, report)
 
 
+def _json_line(line: bytes, first: bool) -> tuple[Any, int | None]:
+    """A JSONL line's value (a UTF-8 BOM on the first line is no part of it), and the byte
+    offset of the first invalid UTF-8 sequence, which is replaced with U+FFFD."""
+    if first:
+        line = line.removeprefix(codecs.BOM_UTF8)
+    try:
+        text, bad_at = line.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        text, bad_at = line.decode("utf-8", errors="replace"), exc.start
+    return json.loads(text), bad_at
+
+
 def _jsonl_messages(
     name: str, raw: IO[bytes], report: ParseReport
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(line number, byte offset, message) for each valid line; bad lines are rejected by line."""
+    """(line number, byte offset, message) for each valid line.
+
+    A line that is not JSON (cut short, damaged) could have held any conversation's message:
+    the read is then incomplete. A JSON line that is no message is declined (rejected)."""
     offset = 0
     for line_no, line in enumerate(raw, start=1):
         start, offset = offset, offset + len(line)
@@ -580,14 +843,17 @@ def _jsonl_messages(
         report.records += 1
         where = f"line {line_no} (byte {start})"
         try:
-            message = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            report.reject_record(name, where, f"invalid UTF-8 at byte {start + exc.start}")
+            message, bad_at = _json_line(line, first=start == 0)
+        except (ValueError, RecursionError) as exc:
+            cut = not line.endswith(b"\n")
+            reason = "truncated line" if cut else "not valid JSON"
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else _error_text(exc)
+            report.unreadable(name, where, f"{reason}, line skipped: {detail}")
             continue
-        except json.JSONDecodeError as exc:
-            reason = "truncated line" if not line.endswith(b"\n") else "invalid JSON"
-            report.reject_record(name, where, f"{reason}: {exc.msg}")
-            continue
+        if bad_at is not None:
+            report.add(
+                Problem("warning", name, where, f"invalid UTF-8 at byte {start + bad_at} replaced")
+            )
         if not isinstance(message, dict):
             report.reject_record(name, where, "line is not a JSON object")
             continue
@@ -595,7 +861,7 @@ def _jsonl_messages(
         if conv_id is None or not str(conv_id).strip():
             report.reject_record(name, where, "message has no conversation_id")
             continue
-        message["conversation_id"] = str(conv_id)
+        message["conversation_id"] = conv_id if isinstance(conv_id, str) else str(conv_id)
         yield line_no, start, message
 
 
@@ -609,19 +875,30 @@ def _jsonl_conversation(
     report: ParseReport,
 ) -> Iterator[Conversation]:
     first = messages[0]
-    meta = _Meta(id=conv_id, user_id=first.get("user_id"), title=first.get("title"))
-    raw_turns: list[RawTurn] = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI-style content parts
-            content = "\n".join(
-                p.get("text", "") for p in content if isinstance(p, dict) and "text" in p
-            )
-        raw_turns.append((m.get("role"), content, m.get("created_at", m.get("timestamp"))))
     try:
-        yield _build("jsonl", meta, raw_turns, name, origin, default_user, limits, report)
+        meta = _Meta(id=conv_id, user_id=first.get("user_id"), title=first.get("title"))
+        raw_turns: list[RawTurn] = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI-style content parts
+                content = "\n".join(
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+            raw_turns.append((m.get("role"), content, m.get("created_at", m.get("timestamp"))))
+        conversation = _build("jsonl", meta, raw_turns, name, origin, default_user, limits, report)
     except BadRecord as exc:
-        report.reject_record(name, origin, str(exc))
+        reason = str(exc)
+    except Exception as exc:  # a shape no check foresaw: this conversation only
+        reason = f"cannot be read as a conversation ({_error_text(exc)})"
+    else:
+        yield conversation
+        return
+    identity = _identity(
+        {"conversation_id": conv_id, "user_id": first.get("user_id")}, default_user
+    )
+    report.reject_record(name, origin, reason, identity)
 
 
 class ConversationSourceResource(dg.ConfigurableResource):

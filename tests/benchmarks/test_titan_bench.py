@@ -79,8 +79,9 @@ def bench_db():
 def fresh_chunks(conn, n: int, contents=None) -> None:
     conn.execute("TRUNCATE conversations CASCADE")
     conn.execute(
-        "INSERT INTO conversations (id, user_id, source, source_format, origin, turns, "
-        "turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+        "INSERT INTO conversations (id, external_id, user_id, source, source_format, origin, "
+        "turns, "
+        "turn_count, content_hash) VALUES ('c', 'c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
     )
     with conn.cursor().copy(
         "COPY conversation_chunks (chunk_id, user_id, conversation_id, tier, "

@@ -42,7 +42,8 @@ def pg_chunk_ids(url: str, conversation_id: str | None = None) -> set[str]:
             rows = conn.execute("SELECT chunk_id FROM conversation_chunks")
         else:
             rows = conn.execute(
-                "SELECT chunk_id FROM conversation_chunks WHERE conversation_id = %s",
+                "SELECT chunk_id FROM conversation_chunks k JOIN conversations c "
+                "ON c.id = k.conversation_id WHERE c.external_id = %s",
                 [conversation_id],
             )
         return {r[0] for r in rows}
@@ -83,6 +84,7 @@ def test_every_format_lands_in_both_stores(make_resources, db, lance_uri):
     assert table_ids(lance_table(lance_uri)) == pg_chunk_ids(db)
     assert checks(result) == {
         "source_read_completely": True,
+        "source_records_accepted": True,
         "chunks_within_token_budget": True,
         "chunk_counts_agree": True,
     }
@@ -120,7 +122,8 @@ def test_an_edit_changes_only_the_affected_chunks_and_keeps_other_vectors(
     with connect(db) as conn:  # a vector already computed for an unaffected chunk
         conn.execute(
             "UPDATE conversation_chunks SET embedding = array_fill(0.5, ARRAY[1024])"
-            "::vector, embedding_model = 'titan' WHERE conversation_id = 'keep'"
+            "::vector, embedding_model = 'titan' WHERE conversation_id = "
+            "(SELECT id FROM conversations WHERE external_id = 'keep')"
         )
 
     records[1] = record("edit", "first question", "first answer", "second question", "new answer")
@@ -136,8 +139,8 @@ def test_an_edit_changes_only_the_affected_chunks_and_keeps_other_vectors(
     assert pg_chunk_ids(db, "keep") == keep_ids
     with connect(db) as conn:
         kept = conn.execute(
-            "SELECT count(*) FROM conversation_chunks WHERE conversation_id = "
-            "'keep' AND embedding IS NOT NULL"
+            "SELECT count(*) FROM conversation_chunks k JOIN conversations c ON "
+            "c.id = k.conversation_id WHERE c.external_id = 'keep' AND embedding IS NOT NULL"
         ).fetchone()[0]
     assert kept == len(keep_ids)
     assert table_ids(lance_table(lance_uri)) == pg_chunk_ids(db)
@@ -158,7 +161,7 @@ def test_a_vanished_conversation_leaves_every_store(make_resources, db, lance_ur
     assert table_ids(lance_table(lance_uri)).isdisjoint(gone)
     with connect(db) as conn:
         assert (
-            conn.execute("SELECT count(*) FROM conversations WHERE id = 'goes'").fetchone()[0] == 0
+            conn.execute("SELECT count(*) FROM conversations WHERE external_id = 'goes'").fetchone()[0] == 0
         )
 
 
@@ -218,7 +221,7 @@ def test_hostile_ids_and_text_are_stored_as_data(make_resources, db, lance_uri, 
     source = sharegpt_source(tmp_path, [record(hostile, "Robert'); DROP TABLE students;--", "ok")])
     materialize(make_resources(source, default_user_id="' OR 1=1 --"))
     with connect(db) as conn:
-        row = conn.execute("SELECT id, user_id FROM conversations").fetchone()
+        row = conn.execute("SELECT external_id, user_id FROM conversations").fetchone()
     assert row == (hostile, "' OR 1=1 --")
     assert table_ids(lance_table(lance_uri)) == pg_chunk_ids(db, hostile)
 
@@ -229,4 +232,6 @@ def test_a_moved_export_directory_is_the_same_data(make_resources, db, tmp_path)
     moved = tmp_path / "moved"
     shutil.copytree(source, moved)
     meta = metadata(materialize(make_resources(moved)), "postgres/conversations")
-    assert (meta["inserted"], meta["updated"], meta["deleted"]) == (0, 1, 0)
+    # The same content from the moved export: no change, only which source it belongs to.
+    assert (meta["inserted"], meta["updated"], meta["moved"], meta["deleted"]) == (0, 0, 1, 0)
+    assert meta["collisions"] == 0

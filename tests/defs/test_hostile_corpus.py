@@ -105,12 +105,13 @@ def test_hostile_corpus_names_every_problem_and_lands_the_good_records(
     for name, expected in expectations.items():
         lines = [line for line in problems.splitlines() if name in line]
         assert any(expected in line for line in lines), (name, expected, lines)
-    assert metadata["rejected"] >= 5 and metadata["warnings"] >= 3
+    # invalid UTF-8 is repaired (a warning), as in JSON files; the rest are rejections
+    assert metadata["rejected"] >= 4 and metadata["warnings"] >= 4
     assert metadata["deletions_propagated"] is False  # a truncated file holds deletions back
     with connect(db) as conn:
-        ids = {r[0] for r in conn.execute("SELECT id FROM conversations")}
+        ids = {r[0] for r in conn.execute("SELECT external_id FROM conversations")}
         deep_turns = conn.execute(
-            "SELECT turn_count FROM conversations WHERE id = 'deep'"
+            "SELECT turn_count FROM conversations WHERE external_id = 'deep'"
         ).fetchone()
     assert {
         "good-0",

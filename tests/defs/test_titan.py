@@ -122,8 +122,9 @@ def test_a_dimension_mismatch_says_how_to_migrate(db):
 
 def add_chunks(conn, ids: list[str]) -> None:
     conn.execute(
-        "INSERT INTO conversations (id, user_id, source, source_format, origin, turns, "
-        "turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
+        "INSERT INTO conversations (id, external_id, user_id, source, source_format, origin, "
+        "turns, "
+        "turn_count, content_hash) VALUES ('c', 'c', 'u', 's', 'f', 'o', '[]', 0, 'h')"
     )
     for n, chunk_id in enumerate(ids):
         conn.execute(
@@ -182,8 +183,8 @@ def titan_corpus(pg_url, fastembed):
     with connect(pg_url) as conn:
         conn.execute("TRUNCATE conversations, conversation_chunks CASCADE")
         conn.execute(
-            "INSERT INTO conversations (id, user_id, source, source_format, origin, "
-            "turns, turn_count, content_hash) VALUES ('c', 'u', 's', 'f', 'o', '[]', "
+            "INSERT INTO conversations (id, external_id, user_id, source, source_format, origin, "
+            "turns, turn_count, content_hash) VALUES ('c', 'c', 'u', 's', 'f', 'o', '[]', "
             "0, 'h')"
         )
         with conn.cursor().copy(

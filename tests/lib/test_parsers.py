@@ -123,7 +123,8 @@ def test_invalid_records_are_rejected_by_index_and_the_rest_kept(tmp_path):
     )
     conversations, report = read(path)
     assert [c.id for c in conversations] == ["good1", "good2"]
-    assert report.rejected_records == 3 and not report.complete
+    # Declined records are counted, but the file was read to its end: the read is complete.
+    assert report.rejected_records == 3 and report.complete
     positions = [p.position for p in report.problems]
     assert any(p.startswith("record 1 ") for p in positions)
     assert any(p.startswith("record 2 ") for p in positions)
@@ -142,7 +143,7 @@ def test_invalid_utf8_in_json_is_replaced_and_reported_by_byte(tmp_path):
     assert warnings and warnings[0].position == f"byte {bad_at}"
 
 
-def test_invalid_utf8_in_jsonl_rejects_that_line_only(tmp_path):
+def test_invalid_utf8_in_jsonl_is_replaced_and_reported_by_byte(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(
         b'{"conversation_id": "a", "role": "user", "content": "fine"}\n'
@@ -150,9 +151,10 @@ def test_invalid_utf8_in_jsonl_rejects_that_line_only(tmp_path):
         b'{"conversation_id": "a", "role": "assistant", "content": "fine again"}\n'
     )
     (conv,), report = read(path)
-    assert [t.content for t in conv.turns] == ["fine", "fine again"]
+    assert [t.content for t in conv.turns] == ["fine", "bad \ufffd(", "fine again"]
     (problem,) = report.problems
-    assert problem.position.startswith("line 2 ") and "UTF-8" in problem.reason
+    assert problem.severity == "warning" and problem.position.startswith("line 2 ")
+    assert "UTF-8 at byte" in problem.reason and report.complete
 
 
 def test_truncated_jsonl_last_line_is_rejected_by_line(tmp_path):
@@ -167,6 +169,8 @@ def test_truncated_jsonl_last_line_is_rejected_by_line(tmp_path):
         report.problems[0].position.startswith("line 2")
         and "truncated" in report.problems[0].reason
     )
+    # The cut line could have held any conversation's message: nothing may be deleted.
+    assert not report.complete
 
 
 def test_empty_messages_are_skipped_with_a_warning(tmp_path):

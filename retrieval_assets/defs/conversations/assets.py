@@ -16,6 +16,7 @@ POSTGRES_CHUNKS = dg.AssetKey(["postgres", "conversation_chunks"])
 LANCEDB_CHUNKS = dg.AssetKey(["lancedb", "conversation_chunks"])
 GROUP = "conversations"
 SOURCE_READ_CHECK = "source_read_completely"
+RECORDS_ACCEPTED_CHECK = "source_records_accepted"
 TOKEN_BUDGET_CHECK = "chunks_within_token_budget"
 _LOGGED_PROBLEMS = 50
 
@@ -45,9 +46,15 @@ def _problem_logger(context: dg.AssetExecutionContext):
         dg.AssetCheckSpec(
             SOURCE_READ_CHECK,
             asset=CONVERSATIONS,
-            description="Every file of the source was read to its end and no record was "
-            "rejected whole (otherwise deletions are held back).",
-        )
+            description="Every directory, file and archive under the source was read to its end "
+            "(otherwise deletions are held back). Names the paths that could not be read.",
+        ),
+        dg.AssetCheckSpec(
+            RECORDS_ACCEPTED_CHECK,
+            asset=CONVERSATIONS,
+            description="No record was declined whole and no conversation collided with another "
+            "source's (warns; declined records keep their stored version).",
+        ),
     ],
 )
 def conversations(
@@ -66,12 +73,13 @@ def conversations(
             source=conversation_source.source_key,
             # An empty or partly unreadable read proves nothing about what was deleted.
             propagate_deletions=lambda: report.complete and report.conversations > 0,
+            held_back=lambda: report.held_back,
         )
         total_conversations, total_turns = conn.execute(
             "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
         ).fetchone()
         preview = conn.execute(
-            "SELECT id, user_id, source_format, turn_count, title FROM conversations "
+            "SELECT external_id, user_id, source_format, turn_count, title FROM conversations "
             "ORDER BY updated_at DESC NULLS LAST, id LIMIT 10"
         ).fetchall()
     if report.conversations == 0 and (report.rejected or report.errors):
@@ -84,13 +92,30 @@ def conversations(
     if result.deletions_skipped:
         context.log.warning(
             "deletions not propagated: the source was not read completely or yielded nothing"
+            + (
+                f" (unreadable: {', '.join(report.incomplete_files[:5])})"
+                if report.incomplete_files
+                else ""
+            )
+        )
+    for collision in result.collisions[:_LOGGED_PROBLEMS]:
+        context.log.warning(
+            f"conversation {collision.external_id!r} of user {collision.user_id!r} at "
+            f"{collision.origin} in {conversation_source.source_key} differs from the one "
+            f"stored from {collision.stored_source}: kept as stored, not overwritten"
         )
     context.log.info(
         f"read {report.conversations} conversations ({report.turns} turns) from "
         f"{len(report.files)} file(s): {result.inserted} new, {result.updated} changed, "
-        f"{result.unchanged} unchanged, {result.deleted} deleted, {report.rejected} rejected"
+        f"{result.moved} moved here from another source, {result.unchanged} unchanged, "
+        f"{result.deleted} deleted, {report.rejected} rejected, "
+        f"{len(result.collisions)} colliding with another source"
     )
     problems = "\n".join(f"- **{p.severity}** {p}" for p in report.problems) or "none"
+    collisions = "\n".join(
+        f"- user {c.user_id!r}, id {c.external_id!r}: stored from {c.stored_source}"
+        for c in result.collisions[:_LOGGED_PROBLEMS]
+    )
     return dg.MaterializeResult(
         metadata={
             "source": conversation_source.path,
@@ -104,6 +129,9 @@ def conversations(
             "errors": report.errors,
             "inserted": result.inserted,
             "updated": result.updated,
+            "moved": result.moved,
+            "collisions": len(result.collisions),
+            "held_back": result.held_back,
             "unchanged": result.unchanged,
             "deleted": result.deleted,
             "deletions_propagated": not result.deletions_skipped,
@@ -117,13 +145,25 @@ def conversations(
         check_results=[
             dg.AssetCheckResult(
                 check_name=SOURCE_READ_CHECK,
-                passed=report.complete and not report.errors,
+                passed=report.complete,
                 severity=dg.AssetCheckSeverity.ERROR,
                 metadata={
-                    "incomplete_files": ", ".join(report.incomplete_files) or "none",
-                    "rejected_records": report.rejected_records,
+                    "unreadable_paths": len(report.incomplete_files),
+                    "unreadable": ", ".join(report.incomplete_files[:20]) or "none",
                 },
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name=RECORDS_ACCEPTED_CHECK,
+                passed=not report.rejected_records and not result.collisions,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={
+                    "rejected_records": report.rejected_records,
+                    "rejected_messages": report.rejected - report.rejected_records,
+                    "collisions": len(result.collisions),
+                    "held_back": result.held_back,
+                    "collided": dg.MetadataValue.md(collisions or "none"),
+                },
+            ),
         ],
     )
 

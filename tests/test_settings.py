@@ -1,0 +1,543 @@
+"""Every environment variable, checked before any work (lib/settings.py).
+
+A bad value stops every command and the definitions load in one line that names the variable,
+says what is wrong and how to fix it, shows no secret, and leaves nothing behind. Every variable
+set to a valid non-default value at once (a production-like deployment: its own databases,
+migrated with Alembic, Bedrock through an endpoint URL under AWS keys) runs the whole graph and
+every command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+
+from retrieval_assets import cli
+from retrieval_assets.defs.resources import resources_from_environment
+from retrieval_assets.lib.models import local_model_dir
+from retrieval_assets.lib.paths import PROJECT_ROOT, SAMPLE_DATA_DIR
+from retrieval_assets.lib.schema import TITAN_MODEL_ID
+from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
+
+NAMES = {s.name for s in SETTINGS}
+BIN = Path(sys.executable).parent
+# Read by the AWS_PROFILE check (botocore): pointed at files of the test's own.
+AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+
+
+@dataclass(frozen=True)
+class Bad:
+    name: str
+    value: str  # "{tmp}" stands for the test's tmp_path
+    wrong: str  # what the line must say is wrong
+    secrets: tuple[str, ...] = ()  # must appear nowhere in the output
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}={self.value[:24]!r}"
+
+
+INVALID = (
+    Bad("DATABASE_URL", "mysql://u:Hunter2-db-pw@h/d", "scheme mysql://", ("Hunter2-db-pw",)),
+    Bad("DATABASE_URL", "not a url", "not a Postgres connection string", ("not a url",)),
+    # libpq quotes the fragment it fails on: here, the password
+    Bad("DATABASE_URL", "postgresql://u:pw%zz-4real@h/d", "percent-encoded", ("pw%zz-4real",)),
+    Bad("DATABASE_URL", "postgresql://u:pass word 9@h/d", "spaces", ("pass word 9",)),
+    Bad("DATABASE_URL", "postgresql://u:Hunter2-db-pw@h:54x/d", "port '54x'", ("Hunter2-db-pw",)),
+    Bad("DATABASE_URL", "", "is empty"),
+    Bad("RETRIEVAL_DATA_DIR", "{tmp}/a-file", "is a file"),
+    Bad("LANCEDB_URI", "ftp://x", "scheme ftp://"),
+    Bad("LANCEDB_URI", "{tmp}/a-file", "is a file"),
+    Bad("LANCEDB_KEEP_VERSIONS_MINUTES", "-1", "outside 0..525,600"),
+    Bad("LANCEDB_KEEP_VERSIONS_MINUTES", "an hour", "not a whole number"),
+    Bad("CONVERSATIONS_SOURCE", "/nonexistent", "does not exist"),
+    Bad("DEFAULT_USER_ID", "user\x07bell", "control characters"),
+    Bad("DEFAULT_USER_ID", " padded", "white space"),
+    Bad("MAX_MESSAGE_CHARS", "0", "outside 1..100,000,000"),
+    Bad("MAX_MESSAGE_CHARS", "1e5", "not a whole number"),
+    Bad("CHUNK_TIERS", "garbage", "expected name:max_tokens:overlap"),
+    Bad("CHUNK_TIERS", "micro:64:8,micro:32:4", "each once"),
+    Bad("ST_MODEL", "nope/nope", "not available offline"),
+    Bad("FASTEMBED_MODEL", "BAAI/bge-small-en-v1.5", "not in the local FastEmbed cache"),
+    Bad("TITAN_DIMENSIONS", "768", "must be one of 256, 512, 1024"),
+    Bad("TITAN_DIMENSIONS", "abc", "must be one of 256, 512, 1024"),
+    Bad(
+        "AWS_ACCESS_KEY_ID",
+        "AKIAPLANTEDKEY000001",
+        "AWS_SECRET_ACCESS_KEY is not",
+        ("AKIAPLANTEDKEY000001",),
+    ),
+    Bad(
+        "AWS_SECRET_ACCESS_KEY",
+        "planted-secret-0a1b2c3d",
+        "AWS_ACCESS_KEY_ID is not",
+        ("planted-secret-0a1b2c3d",),
+    ),
+    Bad(
+        "AWS_SESSION_TOKEN",
+        "planted-token-9f8e7d",
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not",
+        ("planted-token-9f8e7d",),
+    ),
+    Bad("AWS_PROFILE", "nosuchprofile", "names no profile"),
+    Bad("AWS_WEB_IDENTITY_TOKEN_FILE", "/nonexistent", "not a readable file"),
+    Bad("AWS_REGION", "mars", "not an AWS region name"),
+    Bad("BEDROCK_ENDPOINT_URL", "ftp://x", "not an http(s):// URL"),
+    Bad("BEDROCK_ENDPOINT_URL", "http://127.0.0.1:port", "port that is not a number"),
+    Bad("BEDROCK_MAX_CONCURRENCY", "0", "outside 1..256"),
+    Bad("DAGSTER_POSTGRES_URL", "garbage", "not a Postgres connection string"),
+    Bad(
+        "DAGSTER_POSTGRES_URL",
+        "postgresql://dagster:Dagster-pw-55@db:5x/dagster",
+        "port '5x'",
+        ("Dagster-pw-55",),
+    ),
+)
+COMMANDS = (["run"], ["status"], ["search", "x"], ["search", "--store", "postgres", "x"])
+
+
+def test_env_example_lists_every_setting_and_nothing_else():
+    text = (PROJECT_ROOT / ".env.example").read_text()
+    listed = re.findall(r"^(?:#\s*)?([A-Z][A-Z0-9_]*)=", text, flags=re.MULTILINE)
+    assert len(listed) == len(set(listed)), "a variable is listed twice"
+    assert set(listed) == NAMES
+
+
+def test_the_invalid_matrix_covers_every_setting():
+    assert {bad.name for bad in INVALID} == NAMES
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any project setting or AWS file of the machine's."""
+    return {k: v for k, v in os.environ.items() if k not in NAMES and k not in AWS_FILES}
+
+
+@dataclass(frozen=True)
+class Isolated:
+    data_dir: Path  # RETRIEVAL_DATA_DIR, empty
+    dagster_home: Path  # DAGSTER_HOME, not created
+    tmp: Path
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Isolated:
+    """No setting of the machine's; an empty data directory and a DAGSTER_HOME not yet made."""
+    for name in (*NAMES, *AWS_FILES):
+        monkeypatch.delenv(name, raising=False)
+    for name in AWS_FILES:  # no ~/.aws of the machine's decides the AWS_PROFILE check
+        monkeypatch.setenv(name, str(tmp_path / "aws" / name.lower()))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    monkeypatch.setenv("RETRIEVAL_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster-home"))
+    (tmp_path / "a-file").write_text("not a directory\n")
+    return Isolated(data_dir, tmp_path / "dagster-home", tmp_path)
+
+
+def set_bad(bad: Bad, isolated: Isolated, monkeypatch: pytest.MonkeyPatch) -> str:
+    value = bad.value.replace("{tmp}", str(isolated.tmp))
+    monkeypatch.setenv(bad.name, value)
+    return value
+
+
+def assert_one_line(message: str, bad: Bad, value: str) -> None:
+    """The line names the variable, says what is wrong and how to fix it, and hides secrets."""
+    assert "\n" not in message, message
+    assert message.startswith(f"{bad.name}="), message
+    assert bad.wrong in message, message
+    assert "to fix" in message.lower(), message
+    for secret in bad.secrets:
+        assert secret not in message, message
+    if bad.secrets and "://" not in value:
+        assert f"{bad.name}=(hidden)" in message, message
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("bad", INVALID, ids=lambda bad: bad.id)
+def test_a_bad_value_stops_every_command_in_one_line_before_any_work(
+    bad: Bad, command: list[str], isolated: Isolated, monkeypatch, capsys
+):
+    value = set_bad(bad, isolated, monkeypatch)
+    code = cli.main(command)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("configuration error: "), err
+    assert_one_line(err.removeprefix("configuration error: ").rstrip("\n"), bad, value)
+    # Nothing was done: no instance written, no embedded server, LanceDB or model export made.
+    assert not isolated.dagster_home.exists()
+    assert list(isolated.data_dir.iterdir()) == []
+    assert (isolated.tmp / "a-file").read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("bad", INVALID, ids=lambda bad: bad.id)
+def test_a_bad_value_fails_the_definitions_load(bad: Bad, isolated: Isolated, monkeypatch):
+    value = set_bad(bad, isolated, monkeypatch)
+    with pytest.raises(ConfigError) as raised:
+        resources_from_environment()
+    assert_one_line(str(raised.value), bad, value)
+
+
+def test_every_bad_variable_gets_its_own_line(isolated: Isolated, monkeypatch):
+    monkeypatch.setenv("TITAN_DIMENSIONS", "768")
+    monkeypatch.setenv("MAX_MESSAGE_CHARS", "0")
+    monkeypatch.setenv("AWS_REGION", "mars")
+    with pytest.raises(ConfigError) as raised:
+        check_environment()
+    lines = str(raised.value).splitlines()
+    assert [line.split("=", 1)[0] for line in lines] == [
+        "MAX_MESSAGE_CHARS",
+        "TITAN_DIMENSIONS",
+        "AWS_REGION",
+    ]
+    assert all("; to fix: " in line for line in lines)
+
+
+# ---------------------------------------------------------------------- through the real tools
+
+
+def run_tool(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def tool_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """A clean environment with an instance of its own, plus `settings`."""
+    home = tmp_path / "dagster-home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text(cli.instance_yaml())
+    return {
+        **clean_environ(),
+        "DAGSTER_HOME": str(home),
+        "RETRIEVAL_DATA_DIR": str(tmp_path / "data"),
+        **settings,
+    }
+
+
+def validate(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run_tool(
+        [str(BIN / "dagster"), "definitions", "validate", "-m", "retrieval_assets.definitions"],
+        env,
+    )
+
+
+def test_dagster_definitions_validate_refuses_a_bad_value_in_its_one_line(tmp_path):
+    bad = validate(tool_env(tmp_path, TITAN_DIMENSIONS="768"))
+    assert bad.returncode != 0
+    expected = (
+        "TITAN_DIMENSIONS='768': Titan Text Embeddings v2 dimensions must be one of 256, 512, "
+        "1024; got '768'; to fix: set 256, 512 or 1024"
+    )
+    assert any(line.endswith(expected) for line in (bad.stdout + bad.stderr).splitlines())
+    good = validate(tool_env(tmp_path, TITAN_DIMENSIONS="512"))
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_the_installed_command_refuses_a_bad_value_in_one_line(tmp_path):
+    out = run_tool(
+        [str(BIN / "retrieval-assets"), "status"],
+        tool_env(tmp_path, DATABASE_URL="mysql://u:Hunter2-db-pw@h/d"),
+    )
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "configuration error: DATABASE_URL='mysql://u:***@h/d': has scheme mysql://, not "
+        "postgresql://; to fix: set a URL such as postgresql://user:password@host:5432/dbname, "
+        "or unset it for the embedded server"
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+# ------------------------------------------------------------------------------ valid values
+
+MODEL_DIR = str(local_model_dir("sentence-transformers/all-MiniLM-L6-v2"))
+
+
+def test_aws_profile_and_web_identity_are_accepted_and_select_bedrock(
+    isolated: Isolated, monkeypatch
+):
+    config = isolated.tmp / "aws-config"
+    config.write_text("[profile prod]\nregion = eu-west-1\n")
+    token = isolated.tmp / "web-identity-token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.planted.token\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    for name, value in (("AWS_PROFILE", "prod"), ("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))):
+        with monkeypatch.context() as scoped:
+            scoped.setenv(name, value)
+            check_environment()
+            bound = resources_from_environment()["bedrock"]
+            with dg.build_resources({"bedrock": bound}) as resources:
+                bedrock = resources.bedrock
+            assert not bedrock.is_local and bedrock.label == TITAN_MODEL_ID
+            assert bedrock.profile_name == (value if name == "AWS_PROFILE" else None)
+    # and through the real tool, both at once
+    env = tool_env(
+        isolated.tmp,
+        AWS_CONFIG_FILE=str(config),
+        AWS_PROFILE="prod",
+        AWS_WEB_IDENTITY_TOKEN_FILE=str(token),
+        AWS_ROLE_ARN="arn:aws:iam::123456789012:role/retrieval",
+    )
+    out = validate(env)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def production_settings(root: Path, database_url: str, dagster_url: str, endpoint: str) -> dict:
+    """Every setting but AWS_PROFILE and AWS_WEB_IDENTITY_TOKEN_FILE (the keys stand for them),
+    each a valid value other than its default."""
+    source = root / "exports"
+    if not source.exists():
+        shutil.copytree(SAMPLE_DATA_DIR, source)
+    return {
+        "DATABASE_URL": database_url,
+        "RETRIEVAL_DATA_DIR": str(root / "data"),
+        "LANCEDB_URI": str(root / "lance"),
+        "LANCEDB_KEEP_VERSIONS_MINUTES": "30",
+        "CONVERSATIONS_SOURCE": str(source),
+        "DEFAULT_USER_ID": "prod-user",
+        "MAX_MESSAGE_CHARS": "100000",
+        "CHUNK_TIERS": "micro:64:8,medium:240:32",
+        "ST_MODEL": MODEL_DIR,  # a directory: the path branch of the model lookup
+        "FASTEMBED_MODEL": MODEL_DIR,
+        "TITAN_DIMENSIONS": "512",
+        "AWS_ACCESS_KEY_ID": "AKIAPRODTESTKEY00001",
+        "AWS_SECRET_ACCESS_KEY": "prod-test-secret-5e6f7a8b",
+        "AWS_SESSION_TOKEN": "prod-test-session-1c2d3e",
+        "AWS_REGION": "eu-west-1",
+        "BEDROCK_ENDPOINT_URL": endpoint,
+        "BEDROCK_MAX_CONCURRENCY": "4",
+        "DAGSTER_POSTGRES_URL": dagster_url,
+    }
+
+
+def test_production_values_pass_the_check(tmp_path):
+    settings = production_settings(
+        tmp_path,
+        "postgresql://app:pw@db.internal:6543/postgres",
+        "postgresql://dagster:pw@db.internal:5432/dagster",
+        "https://bedrock-runtime.eu-west-1.amazonaws.com",
+    )
+    assert set(settings) == NAMES - {"AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"}
+    check_environment({**clean_environ(), **settings})
+
+
+# ------------------------------------------------------------- a production-like deployment
+
+
+def database_on(server_url: str, name: str) -> str:
+    """A new, empty database `name` on the server of `server_url`; its URL."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    base, query = server_url.split("?", 1)
+    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bedrock_endpoint(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """The Bedrock-compatible endpoint in a process of its own (as Bedrock is), answering with
+    vectors of the packaged model; stopped at the end whatever happened."""
+    import boto3
+    from botocore.config import Config
+
+    root = tmp_path_factory.mktemp("production")
+    port = free_port()
+    log = (root / "endpoint.log").open("w")
+    env = {**clean_environ(), "RETRIEVAL_DATA_DIR": str(root / "data")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "retrieval_assets.lib.bedrock_emulator", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert "local Bedrock endpoint on" in server.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        # The first call loads (and exports) the model: the endpoint answers once that is done.
+        client = boto3.client(
+            "bedrock-runtime",
+            region_name="eu-west-1",
+            endpoint_url=url,
+            aws_access_key_id="warm-up",
+            aws_secret_access_key="warm-up",
+            config=Config(read_timeout=600, retries={"total_max_attempts": 1}),
+        )
+        answer = client.invoke_model(
+            modelId=TITAN_MODEL_ID, body=json.dumps({"inputText": "warm up", "dimensions": 512})
+        )
+        assert len(json.loads(answer["body"].read())["embedding"]) == 512
+        yield url, root
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    env: dict[str, str]
+    settings: dict[str, str]
+    run: subprocess.CompletedProcess
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def production(pg_url: str, bedrock_endpoint) -> Deployment:
+    """Every setting at a production-like value; the schema migrated the production way (Alembic,
+    before anything runs); then `retrieval-assets run`."""
+    endpoint, root = bedrock_endpoint
+    settings = production_settings(
+        root,
+        database_on(pg_url, "prod_test"),
+        database_on(pg_url, "prod_dagster"),
+        endpoint,
+    )
+    home = root / "dagster-home"
+    env = {**clean_environ(), **settings, "DAGSTER_HOME": str(home)}
+    migrate = run_tool(
+        [str(BIN / "alembic"), "upgrade", "head"],
+        {
+            **clean_environ(),
+            "DATABASE_URL": settings["DATABASE_URL"],
+            "TITAN_DIMENSIONS": "512",
+        },
+    )
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    started = time.monotonic()
+    run = run_tool([str(BIN / "retrieval-assets"), "run"], env, timeout=1200)
+    return Deployment(env, settings, run, time.monotonic() - started)
+
+
+def output_of(out: subprocess.CompletedProcess) -> str:
+    return f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in ("prod-test-secret-5e6f7a8b", "prod-test-session-1c2d3e"):
+            assert secret not in text
+
+
+@pytest.mark.slow
+def test_production_run_succeeds(production: Deployment):
+    assert production.run.returncode == 0, output_of(production.run)
+    assert "retrieval_job: succeeded" in production.run.stdout
+    assert "FAILED" not in production.run.stdout
+    assert_no_secret(production.run.stdout, production.run.stderr)
+    # The runs are in the Postgres instance storage, not SQLite under DAGSTER_HOME.
+    with psycopg.connect(production.settings["DAGSTER_POSTGRES_URL"]) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] >= 1
+    assert not list(Path(production.env["DAGSTER_HOME"]).rglob("*.db"))
+
+
+@pytest.mark.slow
+def test_production_data_follows_every_setting(production: Deployment):
+    assert production.run.returncode == 0, output_of(production.run)
+    settings = production.settings
+    with psycopg.connect(settings["DATABASE_URL"]) as conn:
+        dims = conn.execute(
+            "SELECT DISTINCT vector_dims(embedding::vector), embedding_model "
+            "FROM conversation_chunks"
+        ).fetchall()
+        tiers = {r[0] for r in conn.execute("SELECT DISTINCT tier FROM conversation_chunks")}
+        users = dict(
+            conn.execute(
+                "SELECT source_format, array_agg(DISTINCT user_id) FROM conversations "
+                "GROUP BY source_format"
+            ).fetchall()
+        )
+    assert dims == [(512, TITAN_MODEL_ID)]  # every chunk, from "Amazon Bedrock", 512 dims
+    assert tiers == {"micro", "medium"}
+    # The JSONL export names its user; the others do not and get DEFAULT_USER_ID.
+    assert len(users) >= 2
+    assert all(
+        found == ["sample-user-jsonl"] if "jsonl" in fmt else found == ["prod-user"]
+        for fmt, found in users.items()
+    ), users
+    # LanceDB at LANCEDB_URI, not under RETRIEVAL_DATA_DIR
+    assert (Path(settings["LANCEDB_URI"]) / "conversation_chunks.lance").is_dir()
+    assert not (Path(settings["RETRIEVAL_DATA_DIR"]) / "lancedb").exists()
+    assert not (Path(settings["RETRIEVAL_DATA_DIR"]) / "pg").exists()  # no embedded server
+
+
+@pytest.mark.slow
+def test_production_status(production: Deployment):
+    out = run_tool([str(BIN / "retrieval-assets"), "status"], production.env)
+    assert out.returncode == 0, output_of(out)
+    found = re.search(
+        r"^postgres: (\d+) conversations, (\d+) chunks, (\d+) without a Titan vector$",
+        out.stdout,
+        flags=re.MULTILINE,
+    )
+    assert found, out.stdout
+    conversations, chunks, missing = map(int, found.groups())
+    assert conversations > 0 and chunks > 0 and missing == 0
+    lance = re.search(r"^lancedb:\s+(\d+) chunks at (.+)$", out.stdout, flags=re.MULTILINE)
+    assert lance, out.stdout
+    assert int(lance.group(1)) == chunks
+    assert lance.group(2) == production.settings["LANCEDB_URI"]
+
+
+QUERY = "my child has a fever, should I worry"
+
+
+def search(production: Deployment, *args: str) -> subprocess.CompletedProcess:
+    return run_tool([str(BIN / "retrieval-assets"), "search", *args, QUERY], production.env)
+
+
+def hits(stdout: str) -> list[str]:
+    return re.findall(r"^\s*\d+\. .*$", stdout, flags=re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_production_search_in_lancedb(production: Deployment):
+    out = search(production)
+    assert out.returncode == 0, output_of(out)
+    assert len(hits(out.stdout)) == 5
+    assert "fever" in out.stdout.split("\n    ", 2)[1].lower()  # the top hit's text
+
+
+@pytest.mark.slow
+def test_production_search_in_postgres_uses_titan(production: Deployment):
+    out = search(production, "--store", "postgres")
+    assert out.returncode == 0, output_of(out)
+    found = hits(out.stdout)
+    assert len(found) == 5
+    # AWS keys are set: the vectors are Titan's (through BEDROCK_ENDPOINT_URL), not the
+    # local endpoint's.
+    assert all(f"(titan: {TITAN_MODEL_ID})" in line for line in found), out.stdout
+    assert "local-bedrock-endpoint" not in out.stdout
+    assert "fever" in out.stdout.split("\n    ", 2)[1].lower()
+    assert_no_secret(out.stdout, out.stderr)
+
+
+@pytest.mark.slow
+def test_production_definitions_validate(production: Deployment):
+    out = validate(production.env)
+    assert out.returncode == 0, output_of(out)
