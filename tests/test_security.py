@@ -146,7 +146,7 @@ def test_hostile_ids_users_and_text_are_stored_as_data(
         resources=resources,
     )
     with connect(db) as conn:
-        stored = conn.execute("SELECT id, user_id FROM conversations ORDER BY id").fetchall()
+        stored = conn.execute("SELECT external_id, user_id FROM conversations").fetchall()
         assert sorted(stored) == sorted((v, v) for v in HOSTILE)
         chunks = conn.execute(
             "SELECT user_id, content, embedding IS NOT NULL FROM conversation_chunks"

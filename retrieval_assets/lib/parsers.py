@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -289,18 +290,36 @@ def _archive_members(
 # --------------------------------------------------------------------------- JSON arrays
 
 
-class _Utf8Repair(io.RawIOBase):
-    """A byte stream that replaces invalid UTF-8 with U+FFFD and reports each byte offset.
+# A JSON escaped backslash, a valid surrogate pair escape, or a lone surrogate escape (left to
+# right, so `\\\\udfff` is a backslash and text, not an escape).
+_JSON_ESCAPES = re.compile(
+    r"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    r"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+_LONGEST_ESCAPE = 12  # a surrogate pair: \uXXXX\uXXXX
 
-    ijson would otherwise stop at the first bad byte and lose the rest of the file.
+
+class _Utf8Repair(io.RawIOBase):
+    """A byte stream that replaces invalid UTF-8 with U+FFFD and reports each byte offset, and
+    rewrites lone surrogate escapes ("\\udfff") to "\\ufffd" with a report as well.
+
+    ijson would otherwise stop at the first bad byte and lose the rest of the file, and its C
+    backend raises on a lone surrogate escape.
     """
 
-    def __init__(self, raw: IO[bytes], on_invalid: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        raw: IO[bytes],
+        on_invalid: Callable[[int], None],
+        on_surrogate: Callable[[int], None],
+    ) -> None:
         self._raw = raw
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self._pending = b""
+        self._carry = ""  # text held back: it may end inside an escape sequence
         self._emitted = 0  # source bytes already turned into text
         self._on_invalid = on_invalid
+        self._on_surrogate = on_surrogate
         self._first = True
         self.offset = 0  # source bytes read so far
 
@@ -311,15 +330,19 @@ class _Utf8Repair(io.RawIOBase):
         while not self._pending:
             chunk = self._raw.read(_READ_SIZE)
             self.offset += len(chunk)
-            text = self._decoder.decode(chunk, final=not chunk)
+            text = self._carry + self._decoder.decode(chunk, final=not chunk)
             if self._first and text:
                 text = text.removeprefix("\ufeff")
                 self._first = False
+            cut = len(text) if not chunk else _escape_safe_cut(text)
+            text, self._carry = text[:cut], text[cut:]
+            source_bytes = len(text.encode("utf-8", "surrogateescape"))
             if _ESCAPED_BYTES.search(text):
                 text = self._repair(text)
-            encoded = text.encode("utf-8")
-            self._emitted += len(text.encode("utf-8", "surrogateescape"))
-            self._pending = encoded
+            if "\\" in text:
+                text = _JSON_ESCAPES.sub(self._lone_surrogate, text)
+            self._emitted += source_bytes
+            self._pending = text.encode("utf-8")
             if not chunk:
                 break
         n = min(len(buffer), len(self._pending))
@@ -332,6 +355,23 @@ class _Utf8Repair(io.RawIOBase):
             before = text[: match.start()].encode("utf-8", "surrogateescape")
             self._on_invalid(self._emitted + len(before))
         return _ESCAPED_BYTES.sub("\ufffd", text)
+
+    def _lone_surrogate(self, match: re.Match[str]) -> str:
+        if len(match.group()) in (2, _LONGEST_ESCAPE):  # "\\\\" or a valid pair
+            return match.group()
+        self._on_surrogate(self._emitted + match.start())
+        return "\\ufffd"
+
+
+def _escape_safe_cut(text: str) -> int:
+    """Where to cut `text` so that no escape sequence is split: before the run of backslashes
+    nearest the end, if one starts within an escape's length of it."""
+    last = text.rfind("\\", max(0, len(text) - _LONGEST_ESCAPE))
+    if last < 0:
+        return len(text)
+    while last > 0 and text[last - 1] == "\\":
+        last -= 1
+    return last
 
 
 class _TooDeep(Exception):
@@ -378,6 +418,8 @@ def _json_values(events: Iterator[tuple[str, Any]], top: str) -> Iterator[Any]:
             continue
         if skipping:
             continue
+        if event == "number" and type(value) is Decimal:
+            value = float(value)
         if event == "map_key":
             keys[-1] = value
         elif stack:
@@ -402,11 +444,18 @@ def _read_json(
             lambda at: report.add(
                 Problem("warning", name, f"byte {at}", "invalid UTF-8 replaced with U+FFFD")
             ),
+            lambda at: report.add(
+                Problem(
+                    "warning", name, f"near byte {at}", "lone surrogate escape replaced with U+FFFD"
+                )
+            ),
         )
         buffered = io.BufferedReader(stream, buffer_size=_READ_SIZE)
         index = -1
         try:
-            events = ijson.basic_parse(buffered, use_float=True)
+            # Not use_float=True: the C backend then fails on integers past 64 bits and on
+            # 1e400 (valid JSON) and drops the rest of the file; decimals become floats below.
+            events = ijson.basic_parse(buffered)
             top = next(events, ("", None))[0]
             if top not in ("start_array", "start_map"):
                 raise ijson.JSONError("the file holds neither a JSON array nor an object")

@@ -153,7 +153,8 @@ def _needs(*others: str) -> Callable[[str, Mapping[str, str]], None]:
         _not_blank(value)
         missing = [o for o in others if not environ.get(o, "").strip()]
         if missing:
-            raise ValueError(f"is set but {' and '.join(missing)} is not")
+            verb = "are" if len(missing) > 1 else "is"
+            raise ValueError(f"is set but {' and '.join(missing)} {verb} not")
 
     return check
 
@@ -235,7 +236,12 @@ SETTINGS: tuple[Setting, ...] = (
         "BEDROCK_ENDPOINT_URL", _http_url, "set https://bedrock-runtime.<region>.amazonaws.com"
     ),
     Setting("BEDROCK_MAX_CONCURRENCY", _integer(1, 256), "set calls in flight, e.g. 8"),
-    Setting("DAGSTER_POSTGRES_URL", _postgres_url, f"{_POSTGRES_FIX}, or unset it for SQLite"),
+    Setting(
+        "DAGSTER_POSTGRES_URL",
+        _postgres_url,
+        f"{_POSTGRES_FIX}, or unset it for SQLite",
+        secret=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 # Any of these makes Bedrock the real service; none: the local Bedrock-compatible endpoint.
@@ -252,6 +258,23 @@ def _shown(setting: Setting, value: str) -> str:
     return "(hidden)"
 
 
+def _unquoted_secret(setting: Setting, value: str, reason: str) -> str:
+    """`reason` without what `_shown` hides of a secret value: a library's message can quote the
+    part of the value it failed on (libpq quotes a password holding a stray % or space)."""
+    if not setting.secret:
+        return reason
+    shown = _shown(setting, value)
+    password = re.search(r"://[^:/@]*:([^@]*)@", value) if "://" in value else None
+    hidden = password.group(1) if password else value
+    if len(hidden) > 1:
+        reason = reason.replace(hidden, "***")
+    return re.sub(
+        r'"([^"]*)"',
+        lambda m: m.group(0) if len(m.group(1)) <= 1 or m.group(1) in shown else '"***"',
+        reason,
+    )
+
+
 def check_environment(environ: Mapping[str, str] | None = None) -> None:
     """Raise ConfigError, one line per bad variable, if any set variable holds a bad value."""
     environ = os.environ if environ is None else environ
@@ -263,7 +286,7 @@ def check_environment(environ: Mapping[str, str] | None = None) -> None:
         try:
             setting.check(value, environ)
         except ValueError as exc:
-            reason = " ".join(str(exc).split()).rstrip(".")
+            reason = _unquoted_secret(setting, value, " ".join(str(exc).split()).rstrip("."))
             fix = "" if "to fix" in reason.lower() else f"; to fix: {setting.fix}"
             problems.append(f"{setting.name}={_shown(setting, value)}: {reason}{fix}")
     if problems:

@@ -161,7 +161,10 @@ def test_a_vanished_conversation_leaves_every_store(make_resources, db, lance_ur
     assert table_ids(lance_table(lance_uri)).isdisjoint(gone)
     with connect(db) as conn:
         assert (
-            conn.execute("SELECT count(*) FROM conversations WHERE external_id = 'goes'").fetchone()[0] == 0
+            conn.execute(
+                "SELECT count(*) FROM conversations WHERE external_id = 'goes'"
+            ).fetchone()[0]
+            == 0
         )
 
 
