@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +209,9 @@ def test_every_bad_variable_gets_its_own_line(isolated: Isolated, monkeypatch):
 # ---------------------------------------------------------------------- through the real tools
 
 
-def run_tool(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_tool(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         args, env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout
     )
@@ -303,6 +304,14 @@ def production_settings(root: Path, database_url: str, dagster_url: str, endpoin
     source = root / "exports"
     if not source.exists():
         shutil.copytree(SAMPLE_DATA_DIR, source)
+        # Within the default limit of 200,000 characters, over MAX_MESSAGE_CHARS: skipped.
+        long = [("user", "How long can a message be?"), ("assistant", "overlong " * 15_000)]
+        (source / "long.jsonl").write_text(
+            "".join(
+                json.dumps({"conversation_id": "long-1", "role": r, "content": c}) + "\n"
+                for r, c in long
+            )
+        )
     return {
         "DATABASE_URL": database_url,
         "RETRIEVAL_DATA_DIR": str(root / "data"),
@@ -404,7 +413,6 @@ class Deployment:
     env: dict[str, str]
     settings: dict[str, str]
     run: subprocess.CompletedProcess
-    seconds: float
 
 
 @pytest.fixture(scope="module")
@@ -429,9 +437,8 @@ def production(pg_url: str, bedrock_endpoint) -> Deployment:
         },
     )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
-    started = time.monotonic()
     run = run_tool([str(BIN / "retrieval-assets"), "run"], env, timeout=1200)
-    return Deployment(env, settings, run, time.monotonic() - started)
+    return Deployment(env, settings, run)
 
 
 def output_of(out: subprocess.CompletedProcess) -> str:
@@ -472,18 +479,38 @@ def test_production_data_follows_every_setting(production: Deployment):
                 "GROUP BY source_format"
             ).fetchall()
         )
+        columns = set(
+            conn.execute(
+                "SELECT store, column_name, model, dims FROM embedding_schema_versions "
+                "WHERE retired_at IS NULL"
+            ).fetchall()
+        )
+        overlong, asked = conn.execute(
+            "SELECT count(*) FILTER (WHERE content LIKE '%overlong overlong%'), "
+            "count(*) FILTER (WHERE content LIKE '%How long can a message be?%') "
+            "FROM conversation_chunks"
+        ).fetchone()
     assert dims == [(512, TITAN_MODEL_ID)]  # every chunk, from "Amazon Bedrock", 512 dims
+    assert columns == {
+        ("postgres", "embedding", TITAN_MODEL_ID, 512),
+        ("lancedb", "vector_fastembed", f"fastembed:{MODEL_DIR}", 384),
+        ("lancedb", "vector", f"sentence-transformers:{MODEL_DIR}", 384),
+    }
+    assert asked > 0 and overlong == 0  # read, without the message over MAX_MESSAGE_CHARS
     assert tiers == {"micro", "medium"}
-    # The JSONL export names its user; the others do not and get DEFAULT_USER_ID.
-    assert len(users) >= 2
-    assert all(
-        found == ["sample-user-jsonl"] if "jsonl" in fmt else found == ["prod-user"]
-        for fmt, found in users.items()
-    ), users
+    # The ChatGPT, ShareGPT and long.jsonl exports name no user: DEFAULT_USER_ID.
+    assert users == {
+        "chatgpt": ["prod-user"],
+        "sharegpt": ["prod-user"],
+        "jsonl": ["prod-user", "sample-user-jsonl"],
+        "claude": ["sample-user-claude"],
+    }
     # LanceDB at LANCEDB_URI, not under RETRIEVAL_DATA_DIR
     assert (Path(settings["LANCEDB_URI"]) / "conversation_chunks.lance").is_dir()
     assert not (Path(settings["RETRIEVAL_DATA_DIR"]) / "lancedb").exists()
-    assert not (Path(settings["RETRIEVAL_DATA_DIR"]) / "pg").exists()  # no embedded server
+    data_dir = Path(settings["RETRIEVAL_DATA_DIR"])
+    assert not (data_dir / "pg").exists()  # no embedded server
+    assert list((data_dir / "onnx").glob("*/model.onnx"))  # the model exports live here
 
 
 @pytest.mark.slow
@@ -511,16 +538,18 @@ def search(production: Deployment, *args: str) -> subprocess.CompletedProcess:
     return run_tool([str(BIN / "retrieval-assets"), "search", *args, QUERY], production.env)
 
 
-def hits(stdout: str) -> list[str]:
-    return re.findall(r"^\s*\d+\. .*$", stdout, flags=re.MULTILINE)
+def hits(stdout: str) -> list[tuple[str, str]]:
+    """(rank line, text line) of each result printed."""
+    return re.findall(r"^( ?\d+\. .*)\n    (.*)$", stdout, flags=re.MULTILINE)
 
 
 @pytest.mark.slow
 def test_production_search_in_lancedb(production: Deployment):
     out = search(production)
     assert out.returncode == 0, output_of(out)
-    assert len(hits(out.stdout)) == 5
-    assert "fever" in out.stdout.split("\n    ", 2)[1].lower()  # the top hit's text
+    found = hits(out.stdout)
+    assert len(found) == 5, out.stdout
+    assert "fever" in found[0][1].lower(), out.stdout
 
 
 @pytest.mark.slow
@@ -528,12 +557,12 @@ def test_production_search_in_postgres_uses_titan(production: Deployment):
     out = search(production, "--store", "postgres")
     assert out.returncode == 0, output_of(out)
     found = hits(out.stdout)
-    assert len(found) == 5
+    assert len(found) == 5, out.stdout
     # AWS keys are set: the vectors are Titan's (through BEDROCK_ENDPOINT_URL), not the
     # local endpoint's.
-    assert all(f"(titan: {TITAN_MODEL_ID})" in line for line in found), out.stdout
+    assert all(f"(titan: {TITAN_MODEL_ID})" in line for line, _ in found), out.stdout
     assert "local-bedrock-endpoint" not in out.stdout
-    assert "fever" in out.stdout.split("\n    ", 2)[1].lower()
+    assert "fever" in found[0][1].lower(), out.stdout
     assert_no_secret(out.stdout, out.stderr)
 
 
