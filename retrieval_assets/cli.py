@@ -287,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+    except Exception as exc:
+        # Resources set up through Dagster arrive wrapped in its errors: show the project's own
+        # (which names the variable and the fix), not the wrapper and its traceback.
+        while type(exc).__module__.startswith("dagster") and exc.__cause__ is not None:
+            exc = exc.__cause__  # type: ignore[assignment]
+        if not isinstance(exc, ValueError | RuntimeError | OSError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -183,6 +183,21 @@ def test_a_bad_value_stops_every_command_in_one_line_before_any_work(
     assert (isolated.tmp / "a-file").read_text() == "not a directory\n"
 
 
+@pytest.mark.parametrize(
+    "command", [["status"], ["search", "--store", "postgres", "x"]], ids=" ".join
+)
+def test_an_unreachable_database_is_one_line_naming_the_variable(
+    command: list[str], isolated: Isolated, monkeypatch, capsys
+):
+    # Well-formed, so it passes the check; nothing listens on port 1.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:s3cret-pw@127.0.0.1:1/db")
+    code = cli.main(command)
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: cannot connect to the database of DATABASE_URL"), err
+    assert "s3cret-pw" not in err + out
+
+
 @pytest.mark.parametrize("bad", INVALID, ids=lambda bad: bad.id)
 def test_a_bad_value_fails_the_definitions_load(bad: Bad, isolated: Isolated, monkeypatch):
     value = set_bad(bad, isolated, monkeypatch)
