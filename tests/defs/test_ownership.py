@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,7 +226,11 @@ def check_unreadable_subdirectory(make_resources, db, source: Path) -> None:
         env={**os.environ, "HOME": str(source.parent)},
     )
     (source / "mounted").chmod(0o755)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The first exception's lines, not the tail of Dagster's wrapper traceback.
+    causes = [
+        line for line in done.stderr.splitlines() if re.match(r"^\w[\w.]*(Error|Exception)", line)
+    ]
+    assert done.returncode == 0, "\n".join(causes) or done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen == {
         "passed": False,
