@@ -35,7 +35,6 @@ from retrieval_assets.lib.models import (
     DEFAULT_FASTEMBED_MODEL,
     DEFAULT_ST_MODEL,
     fastembed_label,
-    fastembed_registry_source,
     local_model_dir,
     locate_fastembed_model,
     sentence_transformers_label,
@@ -354,15 +353,15 @@ class SentenceTransformerResource(_Embedder):
 def _load_fastembed(model: str, data_dir: Path, threads: int | None):
     from fastembed import TextEmbedding
 
-    locate_fastembed_model(model, data_dir)  # the project's own error if it is not here
-    onnx_dir = Path(model).expanduser()
-    if not onnx_dir.is_dir() and fastembed_registry_source(model) is not None:
+    # The project's own error if it is not here; a FastEmbed name loads from FastEmbed's cache.
+    if locate_fastembed_model(model, data_dir) is not None:
         return TextEmbedding(
             model,
             cache_dir=str(data_dir / "fastembed_cache"),
             threads=threads,
             local_files_only=True,
         )
+    onnx_dir = Path(model).expanduser()
     if not (onnx_dir / "model.onnx").is_file():
         # A model shipped in an installed package is exported locally rather than downloaded.
         onnx_dir = export_onnx(model, data_dir / "onnx")

@@ -73,16 +73,17 @@ def fastembed_registry_source(model: str) -> str | None:
     return None
 
 
-def locate_fastembed_model(model: str, data_dir: Path) -> None:
+def locate_fastembed_model(model: str, data_dir: Path) -> str | None:
     """Raise ModelNotAvailable unless FastEmbedResource can load `model` offline: a directory
     holding model.onnx, a FastEmbed name whose files are in data_dir/fastembed_cache, or a
-    model local_model_dir finds (exported to ONNX on first use)."""
+    model local_model_dir finds (exported to ONNX on first use). Returns the FastEmbed registry
+    source when it is such a name (FastEmbed loads it from its cache), else None."""
     if (Path(model).expanduser() / "model.onnx").is_file():
-        return
+        return None
     source = None if Path(model).expanduser().is_dir() else fastembed_registry_source(model)
     if source is None:
         local_model_dir(model)
-        return
+        return None
     from huggingface_hub import snapshot_download
 
     cache_dir = data_dir / "fastembed_cache"
@@ -95,6 +96,7 @@ def locate_fastembed_model(model: str, data_dir: Path) -> None:
             f"and copy the cache here, or use a directory holding model.onnx "
             f"({type(exc).__name__})"
         ) from exc
+    return source
 
 
 def load_tokenizer(name: str):  # -> tokenizers.Tokenizer

@@ -184,7 +184,7 @@ def _is_export(name: str) -> bool:
     return name.lower().endswith(SUPPORTED_SUFFIXES)
 
 
-def source_files(source: Path, report: ParseReport | None = None) -> list[Path]:
+def source_files(source: Path, report: ParseReport) -> list[Path]:
     """The export files under `source` (a file or a directory), in a stable order.
 
     A directory that cannot be listed is reported as unreadable (Path.rglob skips it silently, and
@@ -207,7 +207,7 @@ def source_files(source: Path, report: ParseReport | None = None) -> list[Path]:
         dirs.sort()
         files += [Path(folder) / n for n in names if _is_export(n)]
     files.sort()
-    if not files and not (report and report.incomplete_files):
+    if not files and not report.incomplete_files:
         raise FileNotFoundError(
             f"conversation source {source} holds no {', '.join(SUPPORTED_SUFFIXES)} files"
         )
@@ -378,7 +378,7 @@ class _TooDeep(Exception):
     pass
 
 
-def _json_values(events: Iterator[tuple[str, Any]], top: str) -> Iterator[Any]:
+def _json_values(events: Iterator[tuple[str, Any]]) -> Iterator[Any]:
     """The records of a JSON document from ijson.basic_parse events: each item of a top-level
     array, or the top-level object itself. Built iteratively; a record nested deeper than
     MAX_NESTING yields a _TooDeep in its place (its events are skipped, in linear time)."""
@@ -386,10 +386,9 @@ def _json_values(events: Iterator[tuple[str, Any]], top: str) -> Iterator[Any]:
     stack: list[Any] = []
     keys: list[str | None] = []
     skipping = False
-    record_depth = 1 if top == "start_array" else 0
     for event, value in events:
-        if depth == 0 and record_depth == 1 and event in ("end_array",):
-            return  # end of the top-level array
+        if depth == 0 and event == "end_array":
+            return  # end of the top-level array (a top-level object ends with its record)
         if event in ("start_map", "start_array"):
             depth += 1
             if skipping:
@@ -461,7 +460,7 @@ def _read_json(
                 raise ijson.JSONError("the file holds neither a JSON array nor an object")
             if top == "start_map":
                 events = itertools.chain([("start_map", None)], events)
-            for index, record in enumerate(_json_values(events, top)):
+            for index, record in enumerate(_json_values(events)):
                 report.records += 1
                 origin = f"record {index} (near byte {stream.offset})"
                 if isinstance(record, _TooDeep):
@@ -704,12 +703,14 @@ def _sharegpt(record: dict[str, Any]) -> tuple[_Meta, list[RawTurn]]:
 def _checked_id(value: Any, what: str) -> str:
     """An id as text. Ids are compared exactly, so one that only cleaning could store (control
     characters, lone surrogates) is refused rather than merged with another id."""
+    if value is None:
+        raise BadRecord(f"conversation has no {what}")
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise BadRecord(f"conversation {what} is not text: {type(value).__name__}")
     text = str(value).strip()
     if not text:
         raise BadRecord(f"conversation has no {what}")
-    if _CONTROL_CHARS.search(text) or _SURROGATES.search(text) or "\x00" in text:
+    if _CONTROL_CHARS.search(text) or _SURROGATES.search(text):
         raise BadRecord(f"conversation {what} {text[:40]!r} holds control characters")
     return text
 
@@ -724,8 +725,6 @@ def _build(
     limits: Limits,
     report: ParseReport,
 ) -> Conversation:
-    if meta.id is None or (isinstance(meta.id, str) and not meta.id.strip()):
-        raise BadRecord("conversation has no id")
     conv_id = _checked_id(meta.id, "id")
     user_id = _checked_id(meta.user_id, "user id") if meta.user_id else default_user
     turns: list[Turn] = []

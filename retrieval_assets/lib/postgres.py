@@ -74,9 +74,18 @@ class DatabaseUnavailable(RuntimeError):
     """The configured database cannot be reached."""
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)@")
+
+
 def redacted(url: str) -> str:
     """`url` without its password, to name in an error."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+def url_password(url: str) -> str | None:
+    """The password a connection URL carries, if any."""
+    found = _URL_PASSWORD.search(url)
+    return found.group(2) if found else None
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:

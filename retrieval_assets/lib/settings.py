@@ -10,6 +10,7 @@ equal).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -263,9 +264,10 @@ def _unquoted_secret(setting: Setting, value: str, reason: str) -> str:
     part of the value it failed on (libpq quotes a password holding a stray % or space)."""
     if not setting.secret:
         return reason
+    from retrieval_assets.lib.postgres import url_password
+
     shown = _shown(setting, value)
-    password = re.search(r"://[^:/@]*:([^@]*)@", value) if "://" in value else None
-    hidden = password.group(1) if password else value
+    hidden = (url_password(value) if "://" in value else None) or value
     if len(hidden) > 1:
         reason = reason.replace(hidden, "***")
     return re.sub(
@@ -276,13 +278,20 @@ def _unquoted_secret(setting: Setting, value: str, reason: str) -> str:
 
 
 def check_environment(environ: Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError, one line per bad variable, if any set variable holds a bad value."""
+    """Raise ConfigError, one line per bad variable, if any set variable holds a bad value.
+
+    Values that passed are remembered for this process: a CLI command, its definitions load and
+    its resources all ask, and the model checks look on disk."""
     environ = os.environ if environ is None else environ
+    _check(tuple((s.name, environ[s.name]) for s in SETTINGS if s.name in environ))
+
+
+@functools.lru_cache(maxsize=8)
+def _check(values: tuple[tuple[str, str], ...]) -> None:  # a failure raises: never cached
+    environ = dict(values)
     problems = []
-    for setting in SETTINGS:
-        if setting.name not in environ:
-            continue
-        value = environ[setting.name]
+    for name, value in values:
+        setting = BY_NAME[name]
         try:
             setting.check(value, environ)
         except ValueError as exc:
