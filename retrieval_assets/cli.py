@@ -153,6 +153,7 @@ def _status(postgres: Any, lancedb: Any) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from retrieval_assets.lib.search import postgres_search, search
+    from retrieval_assets.lib.search_snapshot import current
 
     if args.store == "postgres":
         with _resources("postgres", "bedrock") as resources:
@@ -177,7 +178,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 args.query,
                 k=args.k,
                 user=args.user,
-                snapshot=resources.lancedb.search_snapshot(),
+                snapshot=current(resources.lancedb.snapshot_root),
             )
         lines = [
             (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)

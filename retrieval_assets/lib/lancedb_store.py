@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     import lancedb
     import pyarrow as pa
 
-    from retrieval_assets.lib.search_snapshot import SearchSnapshot
-
 T = TypeVar("T")
 CHUNKS_TABLE = "conversation_chunks"
 # Chunk ids are our own hex digests; anything else must never reach a filter string.
@@ -106,12 +104,6 @@ class LanceDBResource(dg.ConfigurableResource):
             return Path(self.location) / "_search_snapshot"
         digest = hashlib.sha256(self.location.encode()).hexdigest()[:12]
         return Path(self.data_dir) / "search_snapshot" / digest
-
-    def search_snapshot(self) -> SearchSnapshot | None:
-        """The published search snapshot, if one was built here (it serves one table version)."""
-        from retrieval_assets.lib.search_snapshot import current
-
-        return current(self.snapshot_root)
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
         """The chunk table, created empty on first use (later it also holds vector columns)."""

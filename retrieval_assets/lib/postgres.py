@@ -6,7 +6,6 @@ code runs through a Supabase/PgBouncer pooler in transaction mode.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import threading
@@ -19,7 +18,9 @@ import dagster as dg
 import psycopg
 from pydantic import Field, PrivateAttr
 
+from retrieval_assets.lib.connection import DatabaseUnavailable, connect, redacted
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+from retrieval_assets.lib.schema import ensure_schema
 
 _START_LOCK = threading.Lock()
 
@@ -70,37 +71,6 @@ def embedded_url(data_dir: str | Path) -> str:
             raise
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The configured database cannot be reached."""
-
-
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)@")
-
-
-def redacted(url: str) -> str:
-    """`url` without its password, to name in an error."""
-    return _URL_PASSWORD.sub(r"\1***@", url)
-
-
-def url_password(url: str) -> str | None:
-    """The password a connection URL carries, if any."""
-    found = _URL_PASSWORD.search(url)
-    return found.group(2) if found else None
-
-
-def connect(url: str, **kwargs) -> psycopg.Connection:
-    """A connection without server-side prepared statements, with pgvector's types registered
-    once the extension exists (before the first migration it does not)."""
-    from pgvector.psycopg import register_vector
-
-    conn = psycopg.connect(url, prepare_threshold=None, **kwargs)
-    try:
-        register_vector(conn)
-    except psycopg.ProgrammingError:  # no vector type yet
-        conn.rollback()
-    return conn
-
-
 class PostgresResource(dg.ConfigurableResource):
     """Postgres holding conversations, chunks and Titan vectors (pgvector, HNSW)."""
 
@@ -130,8 +100,6 @@ class PostgresResource(dg.ConfigurableResource):
         self._url = self._resolve()
 
     def _resolve(self) -> str:
-        from retrieval_assets.lib.schema import ensure_schema
-
         if self.embedded:
             url = embedded_url(self.data_dir)
             ensure_schema(url, upgrade=True)  # the embedded default migrates itself

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.paths import MIGRATIONS_DIR, PROJECT_ROOT, SQL_DIR
 
 TITAN_MODEL_ID = "amazon.titan-embed-text-v2:0"
@@ -80,8 +81,6 @@ def head_revision(cfg=None) -> str:
 
 
 def current_revision(url: str) -> str | None:
-    from retrieval_assets.lib.postgres import connect
-
     with connect(url) as conn:
         exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
         if not exists:

@@ -253,7 +253,7 @@ def _shown(setting: Setting, value: str) -> str:
     if not setting.secret:
         return repr(value)
     if "://" in value:  # a URL: keep its shape, hide the password
-        from retrieval_assets.lib.postgres import redacted
+        from retrieval_assets.lib.connection import redacted
 
         return repr(redacted(value))
     return "(hidden)"
@@ -264,7 +264,7 @@ def _unquoted_secret(setting: Setting, value: str, reason: str) -> str:
     part of the value it failed on (libpq quotes a password holding a stray % or space)."""
     if not setting.secret:
         return reason
-    from retrieval_assets.lib.postgres import url_password
+    from retrieval_assets.lib.connection import url_password
 
     shown = _shown(setting, value)
     hidden = (url_password(value) if "://" in value else None) or value

@@ -7,7 +7,7 @@ from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
 from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search
-from retrieval_assets.lib.search_snapshot import SearchSnapshot, build
+from retrieval_assets.lib.search_snapshot import SearchSnapshot, build, current
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ensure_coarse_index
 
 COARSE_INDEX = dg.AssetKey(["lancedb", "coarse_index"])
@@ -154,7 +154,7 @@ def search_snapshot(
     entries pass 20 % of the rows."""
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
-        published = lancedb.search_snapshot()
+        published = current(lancedb.snapshot_root)
         if published is not None and published.serves(table):
             action, rows, seconds, inserted = "current", published.rows, 0.0, 0
         else:
@@ -165,7 +165,7 @@ def search_snapshot(
                 built.seconds,
                 built.inserted,
             )
-            published = lancedb.search_snapshot()
+            published = current(lancedb.snapshot_root)
     context.log.info(
         f"search snapshot {action}: version {published.version}, {rows} rows, "
         f"{inserted} inserted into the graph in {seconds:.1f} s"
@@ -196,7 +196,7 @@ def search_snapshot_recall(
 ) -> dg.AssetCheckResult:
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
-        snapshot = lancedb.search_snapshot()
+        snapshot = current(lancedb.snapshot_root)
         if snapshot is None or not snapshot.serves(table):
             return dg.AssetCheckResult(
                 passed=True,
