@@ -33,11 +33,19 @@ def run_offline() -> None:
 
 def run_online() -> None:
     url = context.config.attributes.get("url") or os.environ.get("DATABASE_URL")
-    if not url:
-        from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
-        from retrieval_assets.lib.postgres import embedded_url
+    if url:
+        _migrate(url)
+        return
+    from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+    from retrieval_assets.lib.postgres import hold_embedded
 
-        url = embedded_url(os.environ.get("RETRIEVAL_DATA_DIR", DEFAULT_DATA_DIR))
+    # `alembic` run by hand on the embedded default: up while it migrates, stopped after
+    # unless a command (the UI, a run) holds it too.
+    with hold_embedded(os.environ.get("RETRIEVAL_DATA_DIR") or DEFAULT_DATA_DIR) as embedded:
+        _migrate(embedded)
+
+
+def _migrate(url: str) -> None:
     engine = create_engine(
         _sqlalchemy_url(url),
         poolclass=pool.NullPool,

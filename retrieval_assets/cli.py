@@ -53,12 +53,35 @@ def _ensure_dagster_home() -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """The web UI and the daemon (dagster dev) on this project's instance."""
+    """The web UI and the daemon (dagster dev) on this project's instance, as a child process:
+    this one holds the embedded server meanwhile and stops it when dagster dev exits."""
+    import signal
+    import subprocess
+
     _ensure_dagster_home()
     dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
     workspace = str(PROJECT_ROOT / "workspace.yaml")
-    os.execv(dagster, [dagster, "dev", "-w", workspace, *args.dagster_args])
-    return 0  # not reached
+    # In a session of its own, so a Ctrl-C or a SIGTERM to this group reaches it once, from here.
+    child = subprocess.Popen(
+        [dagster, "dev", "-w", workspace, *args.dagster_args], start_new_session=True
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)  # dagster dev shuts its own processes down, then we return
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return child.wait()
+
+
+def cmd_stop_db(_: argparse.Namespace) -> int:
+    """Stop the embedded PostgreSQL (one left running after a crash, say)."""
+    from retrieval_assets.lib.postgres import stop_embedded
+    from retrieval_assets.lib.settings import data_dir
+
+    stopped = stop_embedded(data_dir())
+    print(f"embedded PostgreSQL in {data_dir() / 'pg'}: {'stopped' if stopped else 'not running'}")
+    return 0
 
 
 @contextmanager
@@ -243,6 +266,23 @@ def _titan_dims(postgres: Any, new: int) -> int:
     return 0
 
 
+@contextmanager
+def _holding_postgres(args: argparse.Namespace) -> Iterator[None]:
+    """Commands that use the embedded PostgreSQL hold it while they run (the steps of a run and
+    the UI's runs only attach), and the last holder stops it: no start per step, and nothing
+    left running after the command."""
+    from retrieval_assets.lib.settings import data_dir, is_set
+
+    uses_postgres = args.fn is not cmd_search or args.store == "postgres"
+    if is_set("DATABASE_URL") or not uses_postgres or not getattr(args, "holds_postgres", True):
+        yield
+        return
+    from retrieval_assets.lib.postgres import hold_embedded
+
+    with hold_embedded(data_dir()):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="retrieval-assets",
@@ -252,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="materialize the whole graph").set_defaults(fn=cmd_run)
     sub.add_parser("status", help="store counts and NULL backlog").set_defaults(fn=cmd_status)
+    sub.add_parser(
+        "stop-db", help="stop the embedded PostgreSQL (e.g. left running after a crash)"
+    ).set_defaults(fn=cmd_stop_db, holds_postgres=False)
     sub.add_parser(
         "ui",
         help="the Dagster web UI and daemon (dagster dev; its options pass through)",
@@ -284,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_environment()  # before any work: a bad variable fails here, naming itself
-        return args.fn(args)
+        with _holding_postgres(args):
+            return args.fn(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,16 +10,48 @@ import pytest
 from retrieval_assets.lib.chunking import ChunkerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.parsers import ConversationSourceResource
-from retrieval_assets.lib.postgres import PostgresResource, connect, embedded_url
+from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded, stop_embedded
 from retrieval_assets.lib.schema import ensure_schema
 
 
+def _processes_of(root: Path) -> list:
+    """Processes this session started (its descendants) or that work under its temp root (an
+    embedded server detaches from whoever started it): any still running."""
+    import psutil
+
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid != me.pid and str(root) in " ".join(process.info["cmdline"] or ()):
+            found[process.pid] = process
+    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session, pass or fail, no server or other process it started is left running.
+    Set up first, so it is checked last (after pg_url and every other fixture let go)."""
+    import time
+
+    root = tmp_path_factory.getbasetemp()
+    yield
+    deadline = time.monotonic() + 30  # a server stopping, a process group winding down
+    while (left := _processes_of(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    described = [f"{p.pid} {' '.join(p.cmdline())[:200]}" for p in left]
+    for pgdata in {Path(a) for p in left for a in p.cmdline() if a.endswith("/pg")}:
+        stop_embedded(pgdata.parent)  # clean up anyway, so one failure does not pile up
+    for process in _processes_of(root):
+        process.kill()
+    assert not described, "left running after the session:\n" + "\n".join(described)
+
+
 @pytest.fixture(scope="session")
-def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real PostgreSQL with pgvector, migrated to head, for the whole session."""
-    url = embedded_url(tmp_path_factory.mktemp("pg-session"))
-    ensure_schema(url, upgrade=True)
-    return url
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL with pgvector, migrated to head, held for the whole session."""
+    with hold_embedded(tmp_path_factory.mktemp("pg-session")) as url:
+        ensure_schema(url, upgrade=True)
+        yield url
 
 
 @pytest.fixture

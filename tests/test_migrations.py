@@ -6,12 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from alembic import command
 
 from retrieval_assets.lib.paths import MIGRATIONS_DIR
-from retrieval_assets.lib.postgres import connect, embedded_url
+from retrieval_assets.lib.postgres import connect, hold_embedded
 from retrieval_assets.lib.schema import (
     SchemaNotReady,
     alembic_config,
@@ -24,9 +25,10 @@ from retrieval_assets.lib.schema import (
 
 
 @pytest.fixture(scope="module")
-def fresh_url(tmp_path_factory) -> str:
+def fresh_url(tmp_path_factory) -> Iterator[str]:
     """A server of its own: these tests drop and recreate the whole schema."""
-    return embedded_url(tmp_path_factory.mktemp("pg-migrations"))
+    with hold_embedded(tmp_path_factory.mktemp("pg-migrations")) as url:
+        yield url
 
 
 def tables(url: str) -> set[str]:

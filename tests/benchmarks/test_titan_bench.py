@@ -17,7 +17,7 @@ from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.bedrock_emulator import projection
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
-from retrieval_assets.lib.postgres import connect, embedded_url
+from retrieval_assets.lib.postgres import connect, hold_embedded
 from retrieval_assets.lib.schema import (
     EMBEDDING_TYPE,
     HNSW_INDEX,
@@ -71,9 +71,9 @@ def corpus():
 @pytest.fixture(scope="module")
 def bench_db():
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    url = embedded_url(CACHE_DIR)
-    ensure_schema(url, upgrade=True)
-    return url
+    with hold_embedded(CACHE_DIR) as url:
+        ensure_schema(url, upgrade=True)
+        yield url
 
 
 def fresh_chunks(conn, n: int, contents=None) -> None:

@@ -24,7 +24,7 @@ from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
 from retrieval_assets.lib.parsers import ConversationSourceResource
 from retrieval_assets.lib.paths import PROJECT_ROOT
-from retrieval_assets.lib.postgres import PostgresResource, connect, embedded_url
+from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN
 from tests.conftest import write_jsonl_source
@@ -50,7 +50,11 @@ def figures(case: str, **values) -> None:
 @pytest.fixture
 def stores(tmp_path, chunker_resource, fastembed):
     """A PostgreSQL of its own (some cases restart it), a LanceDB dir, and the corpus ingested."""
-    url = embedded_url(tmp_path / "pgdata")
+    with hold_embedded(tmp_path / "pgdata") as url:
+        yield _ingested(tmp_path, url, chunker_resource, fastembed)
+
+
+def _ingested(tmp_path, url, chunker_resource, fastembed) -> dict:
     ensure_schema(url, upgrade=True)
     resources = {
         "postgres": PostgresResource(database_url=url, write_batch_rows=32),
