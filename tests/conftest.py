@@ -21,8 +21,11 @@ def _processes_of(root: Path) -> list:
 
     me = psutil.Process()
     found = {p.pid: p for p in me.children(recursive=True)}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if process.pid != me.pid and str(root) in " ".join(process.info["cmdline"] or ()):
+    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+        # the command line (a server's data directory), or the environment (a dagster dev whose
+        # parent died: DAGSTER_HOME and RETRIEVAL_DATA_DIR point into the session)
+        mentions = [*(process.info["cmdline"] or ()), *(process.info["environ"] or {}).values()]
+        if process.pid != me.pid and any(str(root) in m for m in mentions):
             found[process.pid] = process
     return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
