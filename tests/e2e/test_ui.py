@@ -86,7 +86,10 @@ class Server:
             return False
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        # dagster dev winds its processes down on SIGTERM, then `retrieval-assets ui` stops the
+        # embedded server: on a loaded machine that took over 30 s, and a SIGKILL then left the
+        # server running. 180 s holds under load; a SIGKILL is for a hung shutdown only.
+        for sig, wait in ((signal.SIGTERM, 180), (signal.SIGKILL, 10)):
             try:
                 os.killpg(self.process.pid, sig)
                 self.process.wait(timeout=wait)
