@@ -23,8 +23,7 @@ def upgrade() -> None:
     op.execute("UPDATE conversations SET external_id = id")
     op.execute("ALTER TABLE conversations ALTER COLUMN external_id SET NOT NULL")
     op.execute(
-        "CREATE UNIQUE INDEX conversations_user_external_id "
-        "ON conversations (user_id, external_id)"
+        "CREATE UNIQUE INDEX conversations_user_external_id ON conversations (user_id, external_id)"
     )
 
 
