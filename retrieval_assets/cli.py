@@ -71,7 +71,40 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return child.wait()
+    code = child.wait()
+    # A run worker or a sensor's code server can outlive dagster dev; left alone it would reach
+    # for the embedded server after this command stopped it, and start it again. Nothing of the
+    # UI's session outlives the command, so the server is stopped for good.
+    _end_session(child.pid)
+    return code
+
+
+def _end_session(sid: int, grace: float = 60.0) -> None:
+    """SIGTERM every process left in session `sid`, SIGKILL what is still there after `grace`."""
+    import psutil
+
+    def left() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid:
+                    found.append(proc)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    procs = left()
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive + left():
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
 
 
 def cmd_stop_db(_: argparse.Namespace) -> int:

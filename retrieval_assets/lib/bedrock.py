@@ -269,7 +269,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
             for attempt in Retrying(
                 retry=retry_if_exception(lambda e: isinstance(e, BedrockError) and e.retryable),
                 stop=stop_after_attempt(self.max_attempts),
-                wait=wait_exponential_jitter(initial=0.1, max=10.0),
+                wait=wait_exponential_jitter(multiplier=0.1, max=10.0),
             ):
                 with attempt:
                     attempts += 1
