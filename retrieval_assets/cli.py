@@ -6,6 +6,7 @@ retrieval-assets search "text"              coarse top-100 (FastEmbed), reranked
 retrieval-assets search --store postgres "text"   the Titan vectors through the match RPC
 retrieval-assets replay-quarantine          retry chunks quarantined after Titan failures
 retrieval-assets titan-dims 512             write (embedded default: apply) the migration
+retrieval-assets migrate                    bring the database's schema to head (alembic upgrade)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, PROJECT_ROOT
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, INSTANCE_DIR
 
 MAIN_JOB = "retrieval_job"
 
@@ -35,7 +36,7 @@ storage:
 def instance_yaml() -> str:
     """The instance configuration: the project's dagster.yaml, plus Postgres storage when
     DAGSTER_POSTGRES_URL is set (the URL stays in the environment, never in the file)."""
-    text = (PROJECT_ROOT / "dagster.yaml").read_text()
+    text = (INSTANCE_DIR / "dagster.yaml").read_text()
     return text + POSTGRES_STORAGE if os.environ.get("DAGSTER_POSTGRES_URL") else text
 
 
@@ -60,7 +61,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     _ensure_dagster_home()
     dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
-    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    workspace = str(INSTANCE_DIR / "workspace.yaml")
     # In a session of its own, so a Ctrl-C or a SIGTERM to this group reaches it once, from here.
     child = subprocess.Popen(
         [dagster, "dev", "-w", workspace, *args.dagster_args], start_new_session=True
@@ -187,6 +188,21 @@ def _summarize(result, started: float) -> None:
                 print(f"\n{event.step_key} failed: {error.cls_name}: {error.message.strip()}")
 
 
+def cmd_migrate(_: argparse.Namespace) -> int:
+    """`alembic upgrade head` on the configured database, from the package's own migrations
+    (an installed wheel has no alembic configuration file to run `alembic` from)."""
+    from retrieval_assets.lib.postgres import embedded_url, reaching
+    from retrieval_assets.lib.schema import current_revision, ensure_schema
+    from retrieval_assets.lib.settings import data_dir, is_set
+
+    url = os.environ["DATABASE_URL"] if is_set("DATABASE_URL") else embedded_url(data_dir())
+    with reaching(url):
+        before = current_revision(url)
+        ensure_schema(url, upgrade=True)
+    print(f"schema: {before or '(none)'} -> {current_revision(url)}")
+    return 0
+
+
 def cmd_status(_: argparse.Namespace) -> int:
     with _resources("postgres", "lancedb") as resources:
         return _status(resources.postgres, resources.lancedb)
@@ -284,10 +300,7 @@ def _titan_dims(postgres: Any, new: int) -> int:
         print(f"conversation_chunks.embedding is already {EMBEDDING_TYPE}({new}); nothing to do")
         return 0
     path = write_titan_dims_revision(old, new)
-    print(
-        f"wrote {path.relative_to(PROJECT_ROOT)}: {EMBEDDING_TYPE}({old}) -> "
-        f"{EMBEDDING_TYPE}({new}); commit it"
-    )
+    print(f"wrote {path}: {EMBEDDING_TYPE}({old}) -> {EMBEDDING_TYPE}({new}); commit it")
     if postgres.embedded:
         ensure_schema(postgres.url, upgrade=True)
         print(
@@ -348,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     find.set_defaults(fn=cmd_search)
     sub.add_parser("replay-quarantine", help="retry the chunks Titan kept failing on").set_defaults(
         fn=cmd_replay_quarantine
+    )
+    sub.add_parser("migrate", help="bring the database's schema to head").set_defaults(
+        fn=cmd_migrate
     )
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")

@@ -7,7 +7,7 @@ import psycopg
 import yaml
 
 from retrieval_assets import cli
-from retrieval_assets.lib.paths import PROJECT_ROOT
+from tests import PROJECT_ROOT
 
 
 def test_local_instance_uses_the_project_settings(tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
-"""Alembic owns the schema: up, down, up again; offline SQL; Titan dimension changes."""
+"""Alembic owns the schema: up, down, up again; offline SQL; Titan dimension changes; revisions
+and the SQL files they install frozen."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import os
 import shutil
 import subprocess
@@ -190,6 +193,7 @@ def test_titan_dimensions_come_from_the_environment_and_768_is_refused():
 def test_changing_titan_dimensions_migrates_without_mixing_vectors(fresh_url, tmp_path):
     scripts = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, scripts)
+    shutil.copytree(MIGRATIONS_DIR.parent / "sql", tmp_path / "sql")  # revisions read it beside
     cfg = alembic_config(fresh_url, script_location=scripts)
     ensure_schema(fresh_url, upgrade=True, cfg=cfg)
     with connect(fresh_url) as conn:
@@ -232,3 +236,46 @@ def test_changing_titan_dimensions_migrates_without_mixing_vectors(fresh_url, tm
         assert embedding_dims(conn) == 1024
     command.downgrade(cfg, "base")
     command.upgrade(alembic_config(fresh_url), "head")
+
+
+# Every SQL file a revision installs, with its content's sha256: a revision installs the file as
+# it was when the revision was written, so the file never changes (a change is a new file).
+FROZEN_SQL = {
+    "match_conversation_chunks_v1.sql": (
+        "e2542d79029fe091db4862c33268ffeef026870d5f96b68bff4bb4f9ba76088a"
+    ),
+}
+
+
+def test_sql_files_are_frozen():
+    sql_dir = MIGRATIONS_DIR.parent / "sql"
+    found = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sql_dir.glob("*.sql")
+    }
+    assert found == FROZEN_SQL, (
+        "an SQL file a revision installs changed, or a new one is not listed in FROZEN_SQL: "
+        "write a new file and a new revision instead of editing one"
+    )
+
+
+def test_revisions_import_no_project_code():
+    """A revision runs the SQL it was written with, never today's library code."""
+    for path in sorted((MIGRATIONS_DIR / "versions").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert not [n for n in names if n.split(".")[0] == "retrieval_assets"], path.name
+
+
+def test_a_generated_titan_revision_is_frozen_too(tmp_path):
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, scripts)
+    revision = write_titan_dims_revision(1024, 256, cfg=alembic_config(script_location=scripts))
+    text = revision.read_text()
+    assert "retrieval_assets" not in text.split('"""')[2]  # the code, past the docstring
+    assert "halfvec(256)" in text and "halfvec(1024)" in text

@@ -27,9 +27,10 @@ import pytest
 from retrieval_assets import cli
 from retrieval_assets.defs.resources import resources_from_environment
 from retrieval_assets.lib.models import local_model_dir
-from retrieval_assets.lib.paths import PROJECT_ROOT, SAMPLE_DATA_DIR
+from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.schema import TITAN_MODEL_ID
 from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
+from tests import PROJECT_ROOT
 
 NAMES = {s.name for s in SETTINGS}
 BIN = Path(sys.executable).parent

@@ -6,29 +6,42 @@ revision runs; later changes go through `retrieval-assets titan-dims N`, which w
 """
 
 import os
+from pathlib import Path
 
 from alembic import op
-
-from retrieval_assets.lib.models import (
-    DEFAULT_FASTEMBED_MODEL,
-    DEFAULT_ST_MODEL,
-    fastembed_label,
-    sentence_transformers_label,
-)
-from retrieval_assets.lib.schema import (
-    TITAN_MODEL_ID,
-    configured_titan_dimensions,
-    match_functions_sql,
-)
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
 
+TITAN_MODEL_ID = "amazon.titan-embed-text-v2:0"
 # The local columns' sizes are read from their models when the columns are created in LanceDB.
-FASTEMBED_MODEL = fastembed_label(os.environ.get("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL))
-ST_MODEL = sentence_transformers_label(os.environ.get("ST_MODEL", DEFAULT_ST_MODEL))
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+FASTEMBED_MODEL = "fastembed:" + os.environ.get("FASTEMBED_MODEL", DEFAULT_MODEL)
+ST_MODEL = "sentence-transformers:" + os.environ.get("ST_MODEL", DEFAULT_MODEL)
+
+# The functions as revisions 0001, 0004 and 0006 install them; sql/ sits beside migrations/ in
+# the checkout and in the wheel, and the file is frozen (a change is a new file).
+_MATCH_SQL = Path(__file__).parents[2] / "sql" / "match_conversation_chunks_v1.sql"
+
+
+def match_functions_sql(ef_search_floor: int, column_type: str) -> str:
+    return (
+        _MATCH_SQL.read_text()
+        .replace("{ef_search_floor}", str(ef_search_floor))
+        .replace("{embedding_type}", column_type)
+    )
+
+
+def configured_titan_dimensions() -> int:
+    """TITAN_DIMENSIONS (default 1024): Titan Text Embeddings v2 accepts 256, 512 or 1024."""
+    value = os.environ.get("TITAN_DIMENSIONS", "1024")
+    if value.strip() not in ("256", "512", "1024"):
+        raise ValueError(
+            f"Titan Text Embeddings v2 dimensions must be one of 256, 512, 1024; got {value!r}"
+        )
+    return int(value)
 
 
 def upgrade() -> None:

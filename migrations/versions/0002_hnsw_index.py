@@ -7,12 +7,19 @@ time), so every IVFFlat index on the table is dropped before the HNSW index is b
 
 from alembic import op
 
-from retrieval_assets.lib.schema import HNSW_INDEX, hnsw_index_sql
-
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
+
+HNSW_INDEX = "conversation_chunks_embedding_hnsw"
+
+
+def hnsw_index_sql(column_type: str) -> str:
+    return (
+        f"CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON conversation_chunks "
+        f"USING hnsw (embedding {column_type}_cosine_ops) WITH (m = 16, ef_construction = 64)"
+    )
 
 
 def upgrade() -> None:

@@ -12,9 +12,9 @@ so the HNSW index (halfvec_cosine_ops) serves them. Re-typing rewrites the table
 exclusive lock: on a large production table, run it in a quiet window.
 """
 
-from alembic import op
+from pathlib import Path
 
-from retrieval_assets.lib.schema import HNSW_INDEX, hnsw_index_sql, match_functions_sql
+from alembic import op
 
 revision = "0006"
 down_revision = "0005"
@@ -22,6 +22,28 @@ branch_labels = None
 depends_on = None
 
 MATCH_EF_SEARCH_FLOOR = 100  # as revision 0004 set it
+
+HNSW_INDEX = "conversation_chunks_embedding_hnsw"
+
+
+def hnsw_index_sql(column_type: str) -> str:
+    return (
+        f"CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON conversation_chunks "
+        f"USING hnsw (embedding {column_type}_cosine_ops) WITH (m = 16, ef_construction = 64)"
+    )
+
+
+# The functions as revisions 0001, 0004 and 0006 install them; sql/ sits beside migrations/ in
+# the checkout and in the wheel, and the file is frozen (a change is a new file).
+_MATCH_SQL = Path(__file__).parents[2] / "sql" / "match_conversation_chunks_v1.sql"
+
+
+def match_functions_sql(ef_search_floor: int, column_type: str) -> str:
+    return (
+        _MATCH_SQL.read_text()
+        .replace("{ef_search_floor}", str(ef_search_floor))
+        .replace("{embedding_type}", column_type)
+    )
 
 
 def _retype(column_type: str) -> None:

@@ -1,12 +1,25 @@
-"""Where the project keeps its files: samples, SQL, migrations and the local data directory."""
+"""Where the project keeps its files: what the package carries, and the local data directory.
 
+Everything the package reads ships inside it (tests/test_packaging.py runs it from a wheel):
+samples, the instance and workspace files, the migrations. Only the data directory's default
+depends on how it is installed: beside the checkout when run from one, else the user's data
+directory.
+"""
+
+import os
+from importlib.resources import files
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-PROJECT_ROOT = PACKAGE_DIR.parent
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_data"
-SQL_DIR = PROJECT_ROOT / "sql"
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
-ALEMBIC_INI = PROJECT_ROOT / "alembic.ini"
-# Embedded Postgres, LanceDB and model exports live here unless configured elsewhere.
-DEFAULT_DATA_DIR = PROJECT_ROOT / ".data"
+INSTANCE_DIR = PACKAGE_DIR / "instance"  # dagster.yaml and workspace.yaml (linked from the root)
+MIGRATIONS_DIR = Path(str(files("retrieval_assets.migrations")))
+
+_CHECKOUT = PACKAGE_DIR.parent
+# Embedded Postgres, LanceDB and model exports live here unless RETRIEVAL_DATA_DIR says otherwise.
+DEFAULT_DATA_DIR = (
+    _CHECKOUT / ".data"
+    if (_CHECKOUT / "pyproject.toml").is_file()
+    else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    / "retrieval_assets"
+)

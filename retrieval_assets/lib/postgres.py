@@ -152,6 +152,18 @@ def _write_holders(path: Path, pids: set[int]) -> None:
     path.write_text("".join(f"{p}\n" for p in sorted(pids)))
 
 
+@contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Work on DATABASE_URL's database: a failure to connect says so, without the password."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database of DATABASE_URL ({redacted(url)}): "
+            f"{' '.join(str(exc).split())}"
+        ) from exc
+
+
 class PostgresResource(dg.ConfigurableResource):
     """Postgres holding conversations, chunks and Titan vectors (pgvector, HNSW)."""
 
@@ -186,13 +198,8 @@ class PostgresResource(dg.ConfigurableResource):
             ensure_schema(url, upgrade=True)  # the embedded default migrates itself
         else:
             url = self.database_url
-            try:
+            with reaching(url):
                 ensure_schema(url, upgrade=False)  # production migrates as a deliberate step
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(
-                    f"cannot connect to the database of DATABASE_URL ({redacted(url)}): "
-                    f"{' '.join(str(exc).split())}"
-                ) from exc
         return url
 
     @property

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_assets.lib.paths import PROJECT_ROOT
+from tests import PROJECT_ROOT
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts" / "ui"
 CHROMIUM_FLAGS = [

@@ -23,10 +23,10 @@ from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
 from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
 from retrieval_assets.lib.parsers import ConversationSourceResource
-from retrieval_assets.lib.paths import PROJECT_ROOT
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.vectors import FASTEMBED_COLUMN
+from tests import PROJECT_ROOT
 from tests.conftest import write_jsonl_source
 
 CONVERSATIONS = int(os.environ.get("FAULT_CONVERSATIONS", "200"))

@@ -1,3 +1,6 @@
+-- Frozen: revisions 0001, 0004 and 0006 install this file as it stands. A change to these
+-- functions is a new file and a new revision, never an edit here.
+--
 -- Nearest chunks to a query embedding by cosine similarity, optionally for one user and tier.
 --
 -- An HNSW scan yields at most hnsw.ef_search rows, and the user/tier/threshold filters discard

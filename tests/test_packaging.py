@@ -1,0 +1,99 @@
+"""The package is installable: the wheel carries everything it reads (SQL, migrations, the
+instance files, samples), and installed into a clean virtualenv outside the checkout it migrates
+a database and runs the whole graph."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+from tests import PROJECT_ROOT
+
+
+def _declared() -> dict:
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_package_of_the_tree_is_declared():
+    tree = {
+        ".".join(path.relative_to(PROJECT_ROOT).parent.parts)
+        for path in (PROJECT_ROOT / "retrieval_assets").rglob("*.py")
+    }
+    declared = set(_declared()["packages"])
+    assert tree <= declared, f"add to [tool.setuptools] packages: {sorted(tree - declared)}"
+
+
+def test_the_wheel_runs_the_graph_outside_the_checkout(tmp_path):
+    wheels = tmp_path / "wheels"
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip_wheel, "-q", "-w", str(wheels), str(PROJECT_ROOT)], check=True)
+    (wheel,) = wheels.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for carried in (
+        "retrieval_assets/sql/match_conversation_chunks_v1.sql",
+        "retrieval_assets/migrations/env.py",
+        "retrieval_assets/migrations/versions/0001_initial_schema.py",
+        "retrieval_assets/instance/dagster.yaml",
+        "retrieval_assets/instance/workspace.yaml",
+        "retrieval_assets/sample_data/claude/conversations.json",
+    ):
+        assert carried in names, carried
+
+    # A clean virtualenv that borrows the installed dependencies (torch alone is hundreds of MB
+    # to install again) but gets retrieval_assets only from the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    bin_dir = venv / "bin"
+    subprocess.run(
+        [bin_dir / "python", "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True
+    )
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DAGSTER_", "RETRIEVAL_", "DATABASE_", "LANCEDB_", "PYTHON"))
+    }
+    env |= {"HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [bin_dir / "retrieval-assets", *args],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    where = subprocess.run(
+        [bin_dir / "python", "-c", "import retrieval_assets; print(retrieval_assets.__file__)"],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert Path(where.strip()).is_relative_to(site), where
+
+    migrated = cli("migrate")
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    assert "(none) -> 0007" in migrated.stdout
+    ran = cli("run")
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    assert "retrieval_job: succeeded" in ran.stdout
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+    assert " 0 without a Titan vector" in status.stdout
+    # Everything it made is under the user's data directory, nothing in the checkout's.
+    data = home / "data" / "retrieval_assets"
+    assert (data / "pg").is_dir() and (data / "dagster" / "dagster.yaml").is_file()
