@@ -209,11 +209,14 @@ def cmd_status(_: argparse.Namespace) -> int:
 
 
 def _status(postgres: Any, lancedb: Any) -> int:
+    from retrieval_assets.lib.connection import one
+
     with postgres.get_connection() as conn:
-        conversations = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
-        chunks, missing = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE embedding IS NULL) FROM conversation_chunks"
-        ).fetchone()
+        conversations = one(conn, "SELECT count(*) FROM conversations")[0]
+        chunks, missing = one(
+            conn,
+            "SELECT count(*), count(*) FILTER (WHERE embedding IS NULL) FROM conversation_chunks",
+        )
     print(
         f"postgres: {conversations} conversations, {chunks} chunks, "
         f"{missing} without a Titan vector"
@@ -237,13 +240,15 @@ def cmd_search(args: argparse.Namespace) -> int:
                     user=args.user,
                     tier=args.tier,
                 )
-        lines = [(h.score, f"titan: {h.embedding_model}", h) for h in hits]
+        lines: list[tuple[float, str, Any]] = [
+            (h.score, f"titan: {h.embedding_model}", h) for h in hits
+        ]
     else:
         with (
             _resources("lancedb", "fastembed", "sentence_transformer") as resources,
             resources.lancedb.get_connection() as db,
         ):
-            hits = search(
+            found = search(
                 resources.lancedb.chunks_table(db),
                 resources.fastembed,
                 resources.sentence_transformer,
@@ -254,7 +259,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             )
         lines = [
             (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)
-            for h in hits
+            for h in found
         ]
     if not lines:
         print("no results (has the graph been materialized?)")

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.titan import PENDING_ROWS
 from retrieval_assets.lib.vectors import column_dims, registered_model
 
@@ -66,13 +67,14 @@ def postgres_backlog(conn: psycopg.Connection, label: str) -> Backlog:
     """Titan rows still NULL (quarantined ones excluded), per shard; stale if another model
     made the stored vectors."""
     column = "embedding"
-    stale_rows = conn.execute(
+    stale_rows = one(
+        conn,
         "SELECT count(*) FROM conversation_chunks WHERE embedding IS NOT NULL "
         "AND embedding_model IS DISTINCT FROM %s",
         [label],
-    ).fetchone()[0]
+    )[0]
     if stale_rows:
-        total = conn.execute("SELECT count(*) FROM conversation_chunks").fetchone()[0]
+        total = one(conn, "SELECT count(*) FROM conversation_chunks")[0]
         return Backlog(column, total, stale=f"{stale_rows} vectors were made by another model")
     rows = conn.execute(
         f"SELECT left(c.chunk_id, 1), count(*), min(c.chunk_id), max(c.chunk_id) {PENDING_ROWS} "

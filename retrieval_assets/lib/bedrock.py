@@ -110,7 +110,7 @@ class BedrockResource(ResourceWithBoto3Configuration):
         # int() on it here would raise "Attempted to directly retrieve environment variable".
         if isinstance(value, dg.EnvVar | IntEnvVar):
             return value
-        return validate_titan_dimensions(value)
+        return validate_titan_dimensions(value)  # type: ignore[arg-type]  # checked inside
 
     @property
     def label(self) -> str:

@@ -127,7 +127,7 @@ class LocalBedrock:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> LocalBedrock:
         self._thread = threading.Thread(

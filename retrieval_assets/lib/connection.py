@@ -40,3 +40,11 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
     except psycopg.ProgrammingError:  # no vector type yet
         conn.rollback()
     return conn
+
+
+def one(conn: psycopg.Connection, query, params=None) -> tuple:
+    """The one row `query` returns (an aggregate, a lookup that must hit)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row for: {' '.join(str(query).split())[:200]}")
+    return row

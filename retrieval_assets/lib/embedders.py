@@ -109,8 +109,8 @@ def length_sorted_batches(
     a batch needs. The memory of the largest batch then no longer grows with the longest text in
     the corpus (a larger corpus has a longer tail).
     """
-    lengths = np.asarray(lengths)
-    order = np.argsort(lengths, kind="stable")
+    sizes = np.asarray(lengths)
+    order = np.argsort(sizes, kind="stable")
     if reference_length is None:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     budget = batch_size * reference_length**2
@@ -120,7 +120,7 @@ def length_sorted_batches(
         while (
             end < len(order)
             and end - start < batch_size
-            and (end - start + 1) * int(lengths[order[end]]) ** 2 <= budget
+            and (end - start + 1) * int(sizes[order[end]]) ** 2 <= budget
         ):
             end += 1
         batches.append(order[start:end])

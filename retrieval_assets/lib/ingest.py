@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from retrieval_assets.lib.chunking import Chunk, Chunker
+from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.lancedb_store import (
     CHUNK_COLUMNS,
     delete_ids,
@@ -134,7 +135,8 @@ def ingest_conversations(
             f"UPDATE conversations c SET source = s.source, origin = s.origin "
             f"FROM staging_conversations s WHERE {_SAME_CONVERSATION} AND c.source <> s.source"
         ).rowcount
-        inserted, updated = conn.execute(
+        inserted, updated = one(
+            conn,
             f"""
             WITH upserted AS (
                 INSERT INTO conversations AS c ({_CONVERSATION_COLUMNS})
@@ -150,8 +152,8 @@ def ingest_conversations(
             )
             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted)
             FROM upserted
-            """
-        ).fetchone()
+            """,
+        )
         result.inserted, result.updated = inserted, updated
         if propagate_deletions():
             conn.execute(
@@ -160,11 +162,12 @@ def ingest_conversations(
             with conn.cursor().copy("COPY held_back (user_id, external_id) FROM STDIN") as copy:
                 for identity in held_back():
                     copy.write_row(identity)
-            result.held_back = conn.execute(
+            result.held_back = one(
+                conn,
                 f"SELECT count(*) FROM conversations c JOIN held_back s ON {_SAME_CONVERSATION} "
                 "WHERE c.source = %s",
                 [source],
-            ).fetchone()[0]
+            )[0]
             result.deleted = conn.execute(
                 f"""
                 DELETE FROM conversations c WHERE c.source = %s

@@ -174,7 +174,7 @@ def rows_to_arrow(rows: Iterable[tuple]) -> pa.Table:
     """Postgres rows in CHUNK_COLUMNS order → an Arrow table of the chunk schema."""
     import pyarrow as pa
 
-    columns = list(zip(*rows, strict=True)) or [[] for _ in CHUNK_COLUMNS]
+    columns: list = list(zip(*rows, strict=True)) or [[] for _ in CHUNK_COLUMNS]
     schema = chunk_schema()
     return pa.table(
         [pa.array(list(c), type=f.type) for c, f in zip(columns, schema, strict=True)],

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -275,7 +276,7 @@ def _archive_members(
         if info.is_dir() or not _is_export(info.filename):
             continue
         if not info.filename.lower().endswith(".zip"):
-            yield member, lambda info=info: archive.open(info)
+            yield member, partial(archive.open, info)
             continue
         if depth >= MAX_ZIP_DEPTH:
             report.unreadable(member, "archive", f"zip nested deeper than {MAX_ZIP_DEPTH}")
@@ -659,7 +660,8 @@ def _claude(
         if not isinstance(m, dict):
             raise BadRecord("a chat message is not an object")
         text = m.get("text")
-        blocks = m.get("content") if isinstance(m.get("content"), list) else []
+        content = m.get("content")
+        blocks = content if isinstance(content, list) else []
         block_texts = []
         for block in blocks:
             kind = block.get("type") if isinstance(block, dict) else None

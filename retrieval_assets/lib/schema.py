@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.connection import connect, one
 from retrieval_assets.lib.paths import MIGRATIONS_DIR
 
 TITAN_MODEL_ID = "amazon.titan-embed-text-v2:0"
@@ -69,7 +69,7 @@ def head_revision(cfg=None) -> str:
 
 def current_revision(url: str) -> str | None:
     with connect(url) as conn:
-        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
+        exists = one(conn, "SELECT to_regclass('alembic_version') IS NOT NULL")[0]
         if not exists:
             return None
         row = conn.execute("SELECT version_num FROM alembic_version").fetchone()

@@ -84,7 +84,7 @@ class SearchSnapshot:
         self.has_fine = np.load(path / "has_fine.npy", mmap_mode="r")
         self.index = Index.restore(str(path / INDEX_FILE), view=True) if self.rows else None
         if self.index is not None:
-            self.index.expansion_search = EXPANSION_SEARCH
+            self.index.expansion_search = EXPANSION_SEARCH  # type: ignore[misc]  # stub: setter exists
 
     def rows_at(self, positions: np.ndarray, columns: list[str]) -> pa.RecordBatch:
         """The result columns of the rows at `positions`, in that order. Taken batch by batch:
@@ -161,6 +161,8 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
     started = time.monotonic()
     version = table.version
     dims, fine_dims = column_dims(table, FASTEMBED_COLUMN), column_dims(table, ST_COLUMN)
+    if dims is None or fine_dims is None:
+        raise RuntimeError(f"{table_uri(table)} lacks a vector column the snapshot serves")
     where = f"{FASTEMBED_COLUMN} IS NOT NULL"
     rows = table.count_rows(where)
     previous = current(root)
@@ -176,7 +178,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         has_fine = np.lib.format.open_memmap(path / "has_fine.npy", "w+", np.bool_, (rows,))
         if previous is None:
             index = _new_index(dims)
-            seen = None
+            seen = np.zeros(0, dtype=np.bool_)
         else:  # loaded, not viewed: it is changed in place and saved under the new snapshot
             index = Index.restore(str(previous.path / INDEX_FILE))
             seen = np.zeros(previous.rows, dtype=np.bool_)

@@ -186,7 +186,7 @@ def _http_url(value: str, _: Mapping[str, str]) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("is not an http(s):// URL with a host")
     try:
-        _ = parts.port  # raises on a port that is not a number
+        parts.port
     except ValueError:
         raise ValueError("has a port that is not a number") from None
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import psycopg
 
+from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.schema import (
     EMBEDDING_TYPE,
     HNSW_INDEX,
@@ -77,15 +78,13 @@ PENDING_ROWS = (
 
 def backlog(conn: psycopg.Connection, shard: str | None = None) -> int:
     """Rows still waiting for a Titan vector (quarantined rows excluded), in `shard` if given."""
-    return conn.execute(
-        f"SELECT count(*) {PENDING_ROWS} AND c.chunk_id LIKE %s", [like_pattern(shard)]
-    ).fetchone()[0]
+    return one(
+        conn, f"SELECT count(*) {PENDING_ROWS} AND c.chunk_id LIKE %s", [like_pattern(shard)]
+    )[0]
 
 
 def quarantined(conn: psycopg.Connection) -> int:
-    return conn.execute(
-        "SELECT count(*) FROM embedding_failures WHERE quarantined_at IS NOT NULL"
-    ).fetchone()[0]
+    return one(conn, "SELECT count(*) FROM embedding_failures WHERE quarantined_at IS NOT NULL")[0]
 
 
 def pending_after(
@@ -164,7 +163,7 @@ def write_vectors(
     """
     if not rows:
         return 0
-    if conn.execute("SELECT to_regclass('pg_temp.staging_vectors') IS NULL").fetchone()[0]:
+    if one(conn, "SELECT to_regclass('pg_temp.staging_vectors') IS NULL")[0]:
         conn.execute(
             f"CREATE TEMP TABLE staging_vectors (chunk_id text, embedding {EMBEDDING_TYPE}) "
             "ON COMMIT DELETE ROWS"
@@ -176,14 +175,15 @@ def write_vectors(
         "COPY staging_vectors (chunk_id, embedding) FROM STDIN WITH (FORMAT BINARY)"
     ) as copy:
         copy.write(stream)
-    return conn.execute(  # one statement: the rows' vectors, and their failures forgotten
+    return one(
+        conn,  # one statement: the rows' vectors, and their failures forgotten
         "WITH updated AS (UPDATE conversation_chunks c SET embedding = s.embedding, "
         "embedding_model = %s, embedded_at = now() FROM staging_vectors s "
         "WHERE c.chunk_id = s.chunk_id RETURNING c.chunk_id), "
         "forgotten AS (DELETE FROM embedding_failures f USING updated u "
         "WHERE f.chunk_id = u.chunk_id) SELECT count(*) FROM updated",
         [label],
-    ).fetchone()[0]
+    )[0]
 
 
 def record_failures(
@@ -234,7 +234,7 @@ BULK_LOAD_ROWS = 20_000
 def bulk_load(conn: psycopg.Connection, pending: int) -> bool:
     if pending < BULK_LOAD_ROWS:
         return False
-    total = conn.execute("SELECT count(*) FROM conversation_chunks").fetchone()[0]
+    total = one(conn, "SELECT count(*) FROM conversation_chunks")[0]
     return pending > total / 2
 
 

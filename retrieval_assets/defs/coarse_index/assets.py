@@ -166,6 +166,8 @@ def search_snapshot(
                 built.inserted,
             )
             published = current(lancedb.snapshot_root)
+            if published is None:
+                raise RuntimeError(f"no search snapshot in {lancedb.snapshot_root} after a build")
     context.log.info(
         f"search snapshot {action}: version {published.version}, {rows} rows, "
         f"{inserted} inserted into the graph in {seconds:.1f} s"

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
+from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.ingest import ingest_conversations, mirror_chunks, rebuild_chunks
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.parsers import ConversationSourceResource, ParseReport, Problem
@@ -75,9 +76,9 @@ def conversations(
             propagate_deletions=lambda: report.complete and report.conversations > 0,
             held_back=lambda: report.held_back,
         )
-        total_conversations, total_turns = conn.execute(
-            "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
-        ).fetchone()
+        total_conversations, total_turns = one(
+            conn, "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
+        )
         preview = conn.execute(
             "SELECT external_id, user_id, source_format, turn_count, title FROM conversations "
             "ORDER BY updated_at DESC NULLS LAST, id LIMIT 10"
@@ -227,10 +228,11 @@ def conversation_chunks(
             "GROUP BY b ORDER BY b"
         ).fetchall()
         over_budget = sum(
-            conn.execute(
+            one(
+                conn,
                 "SELECT count(*) FROM conversation_chunks WHERE tier = %s AND token_count > %s",
                 [t.name, t.max_tokens],
-            ).fetchone()[0]
+            )[0]
             for t in tiers
         )
         preview = conn.execute(

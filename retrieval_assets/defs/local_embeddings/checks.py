@@ -71,7 +71,11 @@ def only_selected(
 ) -> Iterator[dg.AssetCheckResult]:
     """The results of the checks this run selected (a subsettable multi-check yields no other)."""
     selected = context.selected_asset_check_keys
-    return (r for r in results if dg.AssetCheckKey(r.asset_key, r.check_name) in selected)
+    return (
+        r
+        for r in results
+        if r.asset_key and r.check_name and dg.AssetCheckKey(r.asset_key, r.check_name) in selected
+    )
 
 
 def _column_checks(table, conn, columns: dict[dg.AssetKey, str]) -> Iterator[dg.AssetCheckResult]:

@@ -17,6 +17,7 @@ from retrieval_assets.defs.local_embeddings.checks import (
 )
 from retrieval_assets.defs.titan_embeddings.assets import TITAN_EMBEDDINGS
 from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.schema import embedding_dims
 from retrieval_assets.lib.titan import backlog, quarantined
@@ -62,12 +63,13 @@ def _titan_checks(
 ) -> Iterator[dg.AssetCheckResult]:
     with postgres.get_connection() as conn:
         pending, in_quarantine, stored = backlog(conn), quarantined(conn), embedding_dims(conn)
-        lo, hi, sampled = conn.execute(
+        lo, hi, sampled = one(
+            conn,
             "SELECT coalesce(min(n), 1), coalesce(max(n), 1), count(*) FROM (SELECT "
             "l2_norm(embedding) AS n FROM conversation_chunks WHERE embedding IS NOT NULL "
             "LIMIT %s) s",
             [NORM_SAMPLE],
-        ).fetchone()
+        )
     yield null_backlog_result(TITAN_EMBEDDINGS, pending)
     yield dg.AssetCheckResult(
         asset_key=TITAN_EMBEDDINGS,
