@@ -134,6 +134,8 @@ def cmd_run(_: argparse.Namespace) -> int:
     _ensure_dagster_home()
     import dagster as dg
 
+    from retrieval_assets.defs.vectors.columns import ALL_SHARDS
+
     started = time.monotonic()
     # Through the job's own executor (multiprocess: a process per step, two at a time), as the
     # daemon would run it; the run lands in the same instance the web UI shows.
@@ -143,6 +145,7 @@ def cmd_run(_: argparse.Namespace) -> int:
             dg.reconstructable(main_job),
             instance=instance,
             raise_on_error=False,
+            tags=ALL_SHARDS,  # the vector columns whole: every shard, in this one run
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         ) as result,
     ):
@@ -231,11 +234,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     from retrieval_assets.lib.search_snapshot import current
 
     if args.store == "postgres":
-        with _resources("postgres", "bedrock") as resources:
+        with _resources("postgres", "titan_model") as resources:
             with resources.postgres.get_connection() as conn:
                 hits = postgres_search(
                     conn,
-                    resources.bedrock.embed_query(args.query),
+                    resources.titan_model.embed_query(args.query),
                     k=args.k,
                     user=args.user,
                     tier=args.tier,
@@ -245,13 +248,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         ]
     else:
         with (
-            _resources("lancedb", "fastembed", "sentence_transformer") as resources,
+            _resources("lancedb", "coarse_model", "fine_model") as resources,
             resources.lancedb.get_connection() as db,
         ):
             found = search(
                 resources.lancedb.chunks_table(db),
-                resources.fastembed,
-                resources.sentence_transformer,
+                resources.coarse_model,
+                resources.fine_model,
                 args.query,
                 k=args.k,
                 user=args.user,
@@ -279,7 +282,7 @@ def cmd_replay_quarantine(_: argparse.Namespace) -> int:
 
     with _resources("postgres") as resources, resources.postgres.get_connection() as conn:
         released = replay_quarantine(conn)
-    print(f"released {released} quarantined chunks; the next titan_embeddings run retries them")
+    print(f"released {released} quarantined chunks; the next titan_vectors run retries them")
     return 0
 
 

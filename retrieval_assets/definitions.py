@@ -1,4 +1,5 @@
-"""The one entry point: everything under defs/ plus the executor and the automation sensor."""
+"""The one entry point: everything under defs/, plus what spans all of it: the executor, the
+automation sensor and the nightly consistency check of every store."""
 
 from pathlib import Path
 
@@ -7,18 +8,37 @@ import dagster as dg
 from retrieval_assets import defs as defs_folder
 
 
+def consistency_checks(loaded: dg.Definitions) -> dg.AssetSelection:
+    """Every check that runs on its own (an @asset_check or @multi_asset_check): they read the
+    stores and materialize nothing. Checks computed inside a materialization come with their
+    asset's runs. Selected by that rule, so a new check joins the nightly job by being one."""
+    found = [
+        d
+        for d in [*(loaded.assets or []), *(loaded.asset_checks or [])]
+        if isinstance(d, dg.AssetChecksDefinition)
+    ]
+    return dg.AssetSelection.checks(*found)
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
+    # The defs folder through its module, not a search for pyproject.toml: an installed wheel
+    # has none (load_from_defs_folder would fail there).
+    loaded = dg.ComponentTree(
+        defs_module=defs_folder,
+        project_root=Path(__file__).resolve().parents[1],
+        code_location_name="retrieval_assets",
+    ).build_defs()
+    consistency_check_job = dg.define_asset_job(
+        "consistency_check_job",
+        selection=consistency_checks(loaded),
+        description="Every store-level check: NULL backlogs, dims, norms, chunk counts, ANN "
+        "recall, quarantine. Reads only; materializes nothing.",
+    )
     return dg.Definitions.merge(
-        # The defs folder through its module, not a search for pyproject.toml: an installed wheel
-        # has none (load_from_defs_folder would fail there).
-        dg.ComponentTree(
-            defs_module=defs_folder,
-            project_root=Path(__file__).resolve().parents[1],
-            code_location_name="retrieval_assets",
-        ).build_defs(),
-        # Two cores here: one step per core. Raise max_concurrent on bigger machines.
+        loaded,
         dg.Definitions(
+            # Two cores here: one step per core. Raise max_concurrent on bigger machines.
             executor=dg.multiprocess_executor.configured({"max_concurrent": 2}),
             # Downstream assets follow their upstream (AutomationCondition.eager) once this runs.
             sensors=[
@@ -26,6 +46,17 @@ def defs() -> dg.Definitions:
                     "automation_sensor",
                     target=dg.AssetSelection.all(),
                     default_status=dg.DefaultSensorStatus.STOPPED,
+                )
+            ],
+            jobs=[consistency_check_job],
+            schedules=[
+                dg.ScheduleDefinition(
+                    name="nightly_consistency_schedule",
+                    job=consistency_check_job,
+                    cron_schedule="30 2 * * *",
+                    execution_timezone="UTC",
+                    default_status=dg.DefaultScheduleStatus.STOPPED,
+                    description="Run every store-level asset check at 02:30 UTC.",
                 )
             ],
         ),

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from retrieval_assets.defs.vectors.columns import ALL_SHARDS, column_definitions
 from retrieval_assets.lib.chunking import ChunkerResource
+from retrieval_assets.lib.columns import COARSE, FINE, TITAN
 from retrieval_assets.lib.lancedb_store import LanceDBResource
-from retrieval_assets.lib.parsers import ConversationSourceResource
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded, stop_embedded
 from retrieval_assets.lib.schema import ensure_schema
+from retrieval_assets.lib.sources import ConversationSourceResource
 
 
 def _processes_of(root: Path) -> list:
@@ -28,6 +30,18 @@ def _processes_of(root: Path) -> list:
         if process.pid != me.pid and any(str(root) in m for m in mentions):
             found[process.pid] = process
     return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+# Each vector column's definitions, made from its declaration as defs/vectors/ makes them. A run
+# that materializes a vector asset whole carries ALL_SHARDS as its tags.
+COARSE_DEFS, FINE_DEFS, TITAN_DEFS = (column_definitions(c) for c in (COARSE, FINE, TITAN))
+coarse_vectors, fine_vectors, titan_vectors = (
+    next(iter(d.assets or [])) for d in (COARSE_DEFS, FINE_DEFS, TITAN_DEFS)
+)
+coarse_checks, fine_checks, titan_checks = (
+    next(iter(d.asset_checks or [])) for d in (COARSE_DEFS, FINE_DEFS, TITAN_DEFS)
+)
+__all__ = ["ALL_SHARDS"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -119,8 +133,8 @@ def make_graph_resources(make_resources, fastembed, sentence_transformer):
     def build(source, **source_options) -> dict:
         return {
             **make_resources(source, **source_options),
-            "fastembed": fastembed,
-            "sentence_transformer": sentence_transformer,
+            "coarse_model": fastembed,
+            "fine_model": sentence_transformer,
         }
 
     return build

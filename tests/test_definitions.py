@@ -8,15 +8,17 @@ import dagster as dg
 
 from retrieval_assets.cli import instance_yaml
 from retrieval_assets.definitions import defs
+from retrieval_assets.defs.vectors.columns import column_definitions
+from retrieval_assets.lib.columns import LOCAL_MODELS_POOL, VectorColumn
 
 EXPECTED_ASSETS = {
     "postgres/conversations",
     "postgres/conversation_chunks",
     "lancedb/conversation_chunks",
-    "lancedb/fastembed_vectors",
-    "lancedb/sentence_transformer_vectors",
+    "lancedb/coarse_vectors",
+    "lancedb/fine_vectors",
     "lancedb/coarse_index",
-    "postgres/titan_embeddings",
+    "postgres/titan_vectors",
     "lancedb/chunk_table_maintenance",
     "lancedb/search_snapshot",
 }
@@ -25,9 +27,9 @@ EXPECTED_RESOURCES = {
     "lancedb",
     "conversation_source",
     "chunker",
-    "fastembed",
-    "sentence_transformer",
-    "bedrock",
+    "coarse_model",
+    "fine_model",
+    "titan_model",
 }
 
 
@@ -77,8 +79,8 @@ def test_automation_inventory():
     loaded = defs()
     sensors = {s.name for s in loaded.sensors}
     assert sensors == {
-        "fastembed_backlog_sensor",
-        "sentence_transformer_backlog_sensor",
+        "coarse_backlog_sensor",
+        "fine_backlog_sensor",
         "titan_backlog_sensor",
         "automation_sensor",
     }
@@ -87,7 +89,7 @@ def test_automation_inventory():
         "ingestion_schedule",
         "nightly_consistency_schedule",
     }
-    for name in ("fastembed_backfill", "sentence_transformer_backfill", "titan_backfill"):
+    for name in ("coarse_backfill", "fine_backfill", "titan_backfill"):
         job = loaded.resolve_job_def(name)
         assert len(job.partitions_def.get_partition_keys()) == 16
     checks = loaded.resolve_job_def("consistency_check_job")
@@ -118,12 +120,9 @@ def test_steps_that_run_a_model_over_the_corpus_declare_their_pool():
     """The pools in dagster.yaml cap these steps across all runs: Bedrock calls by the quota,
     local model fills at one at a time (each already uses every core)."""
     expected = {
-        "lancedb__fastembed_vectors": "local_models",
-        "lancedb__sentence_transformer_vectors": "local_models",
-        "fill_fastembed_shard": "local_models",
-        "fill_sentence_transformer_shard": "local_models",
-        "postgres__titan_embeddings": "bedrock",
-        "fill_titan_shard": "bedrock",
+        "lancedb__coarse_vectors": "local_models",
+        "lancedb__fine_vectors": "local_models",
+        "postgres__titan_vectors": "bedrock",
     }
     pools = {
         node.name: node.pool
@@ -132,3 +131,54 @@ def test_steps_that_run_a_model_over_the_corpus_declare_their_pool():
         if node.name in expected
     }
     assert pools == expected
+
+
+EXTRA = VectorColumn(
+    role="extra",
+    store="lancedb",
+    column="vector_extra",
+    model_resource="coarse_model",
+    pool=LOCAL_MODELS_POOL,
+    kinds=("lancedb", "onnx"),
+    description="A throwaway column: declared, nothing else.",
+)
+
+
+def test_one_declaration_makes_a_columns_asset_backfill_sensor_and_checks():
+    loaded = dg.Definitions.merge(defs(), column_definitions(EXTRA))
+    key = dg.AssetKey(["lancedb", "extra_vectors"])
+    graph = loaded.resolve_asset_graph()
+    assert key in graph.get_all_asset_keys()
+    node = graph.get(key)
+    assert node.partitions_def is not None and len(node.partitions_def.get_partition_keys()) == 16
+    assert node.backfill_policy == dg.BackfillPolicy.single_run()
+    assert [k.to_user_string() for k in node.parent_keys] == ["lancedb/conversation_chunks"]
+    backfill = loaded.resolve_job_def("extra_backfill")
+    nodes = {n.name: n for n in backfill.all_node_defs}
+    assert set(nodes) == {"lancedb__extra_vectors", "extra_vector_checks"}
+    assert nodes["lancedb__extra_vectors"].pool == LOCAL_MODELS_POOL
+    sensor = loaded.resolve_sensor_def("extra_backlog_sensor")
+    assert sensor.job_name == "extra_backfill" and sensor.minimum_interval_seconds
+    checks = {k.name for k in graph.asset_check_keys if k.asset_key == key}
+    assert checks == {"null_backlog", "dims_match_declared", "unit_norms"}
+    dg.Definitions.validate_loadable(loaded)
+
+
+def test_the_nightly_job_selects_every_standalone_check_by_rule():
+    """Every check that runs on its own is in the consistency job, whoever adds it; none that is
+    computed inside a materialization (that would need the asset's run)."""
+    loaded = defs()
+    graph = loaded.resolve_asset_graph()
+    job = loaded.resolve_job_def("consistency_check_job")
+    standalone = [
+        d
+        for d in [*(loaded.assets or []), *(loaded.asset_checks or [])]
+        if isinstance(d, dg.AssetChecksDefinition)
+    ]
+    selected = set(job.asset_layer.asset_graph.asset_check_keys)
+    assert selected == {key for d in standalone for key in d.check_keys}
+    names = {k.name for k in selected}
+    assert {"search_snapshot_recall_at_10", "coarse_recall_at_10", "no_quarantined_rows"} <= names
+    assert selected < set(graph.asset_check_keys)  # the inline ones stay with their assets
+    # It runs the checks' own steps and materializes nothing.
+    assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in standalone}

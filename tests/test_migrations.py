@@ -69,8 +69,8 @@ def test_upgrade_downgrade_upgrade(fresh_url):
             )
         }
     assert [(s, c) for s, c, _, _ in seeded] == [
-        ("lancedb", "vector"),
-        ("lancedb", "vector_fastembed"),
+        ("lancedb", "vector_coarse"),  # seeded as vector_fastembed, renamed by 0008
+        ("lancedb", "vector_fine"),  # seeded as vector
         ("postgres", "embedding"),
     ]
     assert seeded[2][2:] == ("amazon.titan-embed-text-v2:0", 1024)

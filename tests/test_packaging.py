@@ -12,6 +12,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from retrieval_assets.lib.schema import head_revision
 from tests import PROJECT_ROOT
 
 
@@ -87,7 +88,7 @@ def test_the_wheel_runs_the_graph_outside_the_checkout(tmp_path):
 
     migrated = cli("migrate")
     assert migrated.returncode == 0, migrated.stderr[-3000:]
-    assert "(none) -> 0007" in migrated.stdout
+    assert f"(none) -> {head_revision()}" in migrated.stdout
     ran = cli("run")
     assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
     assert "retrieval_job: succeeded" in ran.stdout

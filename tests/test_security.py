@@ -15,12 +15,11 @@ import psycopg
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.local_embeddings.assets import fastembed_vectors
-from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
 from retrieval_assets.lib.bedrock_emulator import LocalBedrock
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
 from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.schema import ensure_schema
+from tests.conftest import ALL_SHARDS, coarse_vectors, titan_vectors
 
 SUPABASE_LIKE = """
 DO $$ BEGIN
@@ -140,9 +139,10 @@ def test_hostile_ids_users_and_text_are_stored_as_data(
                     )
                     + "\n"
                 )
-    resources = {**make_graph_resources(source), "bedrock": make_bedrock()}
+    resources = {**make_graph_resources(source), "titan_model": make_bedrock()}
     dg.materialize(
-        [conversations, conversation_chunks, fastembed_vectors, titan_embeddings],
+        [conversations, conversation_chunks, coarse_vectors, titan_vectors],
+        tags=ALL_SHARDS,
         resources=resources,
     )
     with connect(db) as conn:
@@ -157,7 +157,7 @@ def test_hostile_ids_users_and_text_are_stored_as_data(
 
     table = lancedb.connect(lance_uri).open_table(CHUNKS_TABLE)
     assert set(table.to_arrow().column("user_id").to_pylist()) == set(HOSTILE)
-    assert table.count_rows("vector_fastembed IS NULL") == 0
+    assert table.count_rows("vector_coarse IS NULL") == 0
 
 
 PLANTED = {

@@ -297,9 +297,9 @@ def test_aws_profile_and_web_identity_are_accepted_and_select_bedrock(
         with monkeypatch.context() as scoped:
             scoped.setenv(name, value)
             check_environment()
-            bound = resources_from_environment()["bedrock"]
-            with dg.build_resources({"bedrock": bound}) as resources:
-                bedrock = resources.bedrock
+            bound = resources_from_environment()["titan_model"]
+            with dg.build_resources({"titan_model": bound}) as resources:
+                bedrock = resources.titan_model
             assert not bedrock.is_local and bedrock.label == TITAN_MODEL_ID
             assert bedrock.profile_name == (value if name == "AWS_PROFILE" else None)
     # and through the real tool, both at once
@@ -509,8 +509,8 @@ def test_production_data_follows_every_setting(production: Deployment):
     assert dims == [(512, TITAN_MODEL_ID)]  # every chunk, from "Amazon Bedrock", 512 dims
     assert columns == {
         ("postgres", "embedding", TITAN_MODEL_ID, 512),
-        ("lancedb", "vector_fastembed", f"fastembed:{MODEL_DIR}", 384),
-        ("lancedb", "vector", f"sentence-transformers:{MODEL_DIR}", 384),
+        ("lancedb", "vector_coarse", f"fastembed:{MODEL_DIR}", 384),
+        ("lancedb", "vector_fine", f"sentence-transformers:{MODEL_DIR}", 384),
     }
     assert asked > 0 and overlong == 0  # read, without the message over MAX_MESSAGE_CHARS
     assert tiers == {"micro", "medium"}

@@ -14,7 +14,6 @@ from retrieval_assets.lib.chunking import DEFAULT_TIERS, ChunkerResource
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL, DEFAULT_ST_MODEL
-from retrieval_assets.lib.parsers import ConversationSourceResource, Limits
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.schema import DEFAULT_TITAN_DIMENSIONS
@@ -26,6 +25,7 @@ from retrieval_assets.lib.settings import (
     check_environment,
     is_set,
 )
+from retrieval_assets.lib.sources import ConversationSourceResource, Limits
 
 
 def _bedrock(data_dir: str) -> BedrockResource:
@@ -64,13 +64,13 @@ def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
             default_user_id=bind("DEFAULT_USER_ID", "local-user"),
             max_message_chars=bind_int("MAX_MESSAGE_CHARS", Limits.max_message_chars),
         ),
-        "fastembed": FastEmbedResource(
+        "coarse_model": FastEmbedResource(
             model=bind("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=data_dir
         ),
-        "sentence_transformer": SentenceTransformerResource(
+        "fine_model": SentenceTransformerResource(
             model=bind("ST_MODEL", DEFAULT_ST_MODEL), data_dir=data_dir
         ),
-        "bedrock": _bedrock(data_dir),
+        "titan_model": _bedrock(data_dir),
         "chunker": ChunkerResource(
             tokenizer_model=bind("ST_MODEL", DEFAULT_ST_MODEL),
             tiers=bind("CHUNK_TIERS", DEFAULT_TIERS),

@@ -23,7 +23,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, load_tokenizer
-from retrieval_assets.lib.parsers import USER_ROLES, Conversation
+from retrieval_assets.lib.sources import USER_ROLES, Conversation
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer

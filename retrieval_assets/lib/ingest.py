@@ -24,7 +24,7 @@ from retrieval_assets.lib.lancedb_store import (
     rows_to_arrow,
     table_ids,
 )
-from retrieval_assets.lib.parsers import Conversation, Turn, parse_timestamp
+from retrieval_assets.lib.sources import Conversation, Turn, parse_timestamp
 
 _CONVERSATION_COLUMNS = (
     "id, external_id, user_id, title, source, source_format, origin, turns, turn_count, "

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.lancedb_store import quote_literal
 from retrieval_assets.lib.search_snapshot import SearchSnapshot, vector_matrix
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN
 
 COARSE_TOP_K = 100
 # IVF partitions probed per query (the index has one per million vectors) and the HNSW search
@@ -79,12 +79,12 @@ def coarse_search(
     where = None if user is None else f"user_id = {quote_literal(user)}"
     matching = None
     if where is not None and not exact:
-        matching = table.count_rows(f"{where} AND {FASTEMBED_COLUMN} IS NOT NULL")
+        matching = table.count_rows(f"{where} AND {COARSE.column} IS NOT NULL")
         exact = matching <= EXACT_FILTER_ROWS
 
     def run(exact_search: bool):
         query = table.search(
-            np.asarray(query_vector, dtype=np.float32), vector_column_name=FASTEMBED_COLUMN
+            np.asarray(query_vector, dtype=np.float32), vector_column_name=COARSE.column
         ).distance_type("cosine")
         if where is not None:
             query = query.where(where, prefilter=True)
@@ -104,10 +104,10 @@ def _snapshot_rows(
 ) -> pa.Table:
     """The snapshot's answer shaped as LanceDB's: the asked columns and `_distance` (cosine
     distance)."""
-    rows = snapshot.rows_at(positions, [c for c in columns if c != ST_COLUMN])
+    rows = snapshot.rows_at(positions, [c for c in columns if c != FINE.column])
     out: dict[str, pa.Array] = {}
     for name in columns:
-        if name == ST_COLUMN:  # the fine vectors; NULL where the row had none
+        if name == FINE.column:  # the fine vectors; NULL where the row had none
             fine = np.asarray(snapshot.fine[positions], dtype=np.float32)
             out[name] = pa.FixedSizeListArray.from_arrays(
                 pa.array(fine.ravel()), fine.shape[1], mask=pa.array(~snapshot.has_fine[positions])
@@ -159,10 +159,10 @@ def search(
         fastembed.embed_query(query, alongside=True),
         coarse_k,
         user,
-        columns=[*RESULT_COLUMNS, ST_COLUMN],
+        columns=[*RESULT_COLUMNS, FINE.column],
         snapshot=snapshot,
     )
-    fine = fine_scores(candidates.column(ST_COLUMN), query_fine.result())
+    fine = fine_scores(candidates.column(FINE.column), query_fine.result())
     coarse = 1.0 - candidates.column("_distance").to_numpy()
     reranked = ~np.isnan(fine)
     score = np.where(reranked, fine, coarse)

@@ -31,7 +31,8 @@ import numpy as np
 import pyarrow as pa
 from filelock import FileLock
 
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN, column_dims
+from retrieval_assets.lib.columns import COARSE, FINE
+from retrieval_assets.lib.vectors import column_dims
 
 CURRENT = "CURRENT"
 # HNSW parameters, measured at 250,000 rows of real sentences (tests/benchmarks): f16 vectors
@@ -78,7 +79,7 @@ class SearchSnapshot:
             reader = pa.ipc.open_file(source)  # batches are zero-copy views of the map
             self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
             self._schema = reader.schema
-            self.columns = {*reader.schema.names, ST_COLUMN}
+            self.columns = {*reader.schema.names, FINE.column}
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         self.fine = np.load(path / "fine.npy", mmap_mode="r")
         self.has_fine = np.load(path / "has_fine.npy", mmap_mode="r")
@@ -160,10 +161,10 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
 
     started = time.monotonic()
     version = table.version
-    dims, fine_dims = column_dims(table, FASTEMBED_COLUMN), column_dims(table, ST_COLUMN)
+    dims, fine_dims = column_dims(table, COARSE.column), column_dims(table, FINE.column)
     if dims is None or fine_dims is None:
         raise RuntimeError(f"{table_uri(table)} lacks a vector column the snapshot serves")
-    where = f"{FASTEMBED_COLUMN} IS NOT NULL"
+    where = f"{COARSE.column} IS NOT NULL"
     rows = table.count_rows(where)
     previous = current(root)
     if previous is not None and (
@@ -187,7 +188,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         reader = (
             table.search()
             .where(where)
-            .select([*columns, FASTEMBED_COLUMN, ST_COLUMN])
+            .select([*columns, COARSE.column, FINE.column])
             .limit(None)
             .to_batches(READ_BATCH_ROWS)
         )
@@ -198,7 +199,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
             if done + n > rows:
                 raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
             batch_keys = chunk_keys(batch.column("chunk_id"))
-            coarse = vector_matrix(batch.column(FASTEMBED_COLUMN))
+            coarse = vector_matrix(batch.column(COARSE.column))
             insert = np.ones(n, dtype=np.bool_)
             if previous is not None:
                 known = previous.positions_of(batch_keys)
@@ -214,7 +215,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
             if insert.any():
                 index.add(batch_keys[insert], coarse[insert])
                 inserted += int(insert.sum())
-            batch_fine = batch.column(ST_COLUMN)
+            batch_fine = batch.column(FINE.column)
             keys[done : done + n] = batch_keys
             fine[done : done + n] = np.nan_to_num(vector_matrix(batch_fine))
             has_fine[done : done + n] = batch_fine.is_valid().to_numpy(zero_copy_only=False)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import (
     CHUNKS_TABLE,
     ROW_VERSION,
@@ -28,8 +29,6 @@ from retrieval_assets.lib.lancedb_store import (
 )
 from retrieval_assets.lib.memory import release_freed_memory
 
-FASTEMBED_COLUMN = "vector_fastembed"
-ST_COLUMN = "vector"
 _log = logging.getLogger(__name__)
 
 
@@ -90,6 +89,25 @@ def ensure_vector_column(
     same_seed = registered is not None and registered[0] == label and registered[1] is None
     _record(conn, column, label, dims, retire=not same_seed)
     return action
+
+
+def rename_column(
+    table: Any, conn: psycopg.Connection, formerly: tuple[str, ...], name: str
+) -> str | None:
+    """A column still under an earlier name (and absent under `name`) is renamed in place, its
+    vectors kept, and its model records with it; returns the earlier name, or None."""
+    names = table.schema.names
+    old = next((n for n in formerly if n in names), None)
+    if name in names or old is None:
+        return None
+    table.alter_columns({"path": old, "rename": name})
+    with conn.transaction():  # already done by revision 0008 for the columns it knew
+        conn.execute(
+            "UPDATE embedding_schema_versions SET column_name = %s WHERE store = 'lancedb' "
+            "AND table_name = %s AND column_name = %s",
+            [name, CHUNKS_TABLE, old],
+        )
+    return old
 
 
 def _record(conn: psycopg.Connection, column: str, label: str, dims: int, retire: bool) -> None:
@@ -252,7 +270,7 @@ def index_name(column: str) -> str:
 
 
 def ensure_coarse_index(
-    table: Any, column: str = FASTEMBED_COLUMN, *, min_rows: int = INDEX_MIN_ROWS
+    table: Any, column: str = COARSE.column, *, min_rows: int = INDEX_MIN_ROWS
 ) -> IndexResult:
     """Keep the ANN index over `column` in step with the table.
 

@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, load_tokenizer, local_model_dir
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, search
 from retrieval_assets.lib.search_snapshot import build, current
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ST_COLUMN, ensure_coarse_index
+from retrieval_assets.lib.vectors import ensure_coarse_index
 from tests.benchmarks.corpus import (
     cached_embeddings,
     chat_texts,
@@ -159,10 +160,10 @@ def build_table(uri, rows, fe, st):
         schema=chunk_schema(),
     )
     base = base.append_column(
-        FASTEMBED_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(fe.ravel()), fe.shape[1])
+        COARSE.column, pa.FixedSizeListArray.from_arrays(pa.array(fe.ravel()), fe.shape[1])
     )
     base = base.append_column(
-        ST_COLUMN, pa.FixedSizeListArray.from_arrays(pa.array(st.ravel()), st.shape[1])
+        FINE.column, pa.FixedSizeListArray.from_arrays(pa.array(st.ravel()), st.shape[1])
     )
     return db.create_table(CHUNKS_TABLE, data=base, mode="overwrite")
 
@@ -209,7 +210,7 @@ def test_coarse_search_at_250k_rows(models, tmp_path):
 
     default_table = build_table(str(tmp_path / "ivfpq"), rows, fe, st)
     started = time.perf_counter()
-    default_table.create_index(metric="cosine", vector_column_name=FASTEMBED_COLUMN)
+    default_table.create_index(metric="cosine", vector_column_name=COARSE.column)
     ivfpq_build = time.perf_counter() - started
     ivfpq = measure(
         queries,

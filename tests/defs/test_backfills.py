@@ -11,19 +11,24 @@ import textwrap
 import dagster as dg
 import pytest
 
-from retrieval_assets.defs.backfills.jobs import BACKFILL_JOBS, COLUMN_TAG, SHARDS
-from retrieval_assets.defs.backfills.sensors import (
-    fastembed_backlog_sensor,
-    titan_backlog_sensor,
-)
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, fastembed_vectors
-from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
+from retrieval_assets.defs.vectors.columns import COLUMN_TAG, SHARDS
+from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.titan import embed_pending
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, count_nulls, fill_nulls
+from retrieval_assets.lib.vectors import count_nulls, fill_nulls
+from tests.conftest import (
+    ALL_SHARDS,
+    COARSE_DEFS,
+    TITAN_DEFS,
+    coarse_vectors,
+    titan_vectors,
+)
 from tests.conftest import write_jsonl_source as write_source
+
+coarse_backlog_sensor = next(iter(COARSE_DEFS.sensors or []))
+titan_backlog_sensor = next(iter(TITAN_DEFS.sensors or []))
 
 
 def ingest(resources: dict) -> None:
@@ -50,7 +55,7 @@ def null_ids(db: str) -> set[str]:
 def backlog(tmp_path, make_graph_resources, make_bedrock):
     """Resources over 240 ingested conversations; `more(n)` ingests n more."""
     source = write_source(tmp_path / "source", range(240))
-    resources = {**make_graph_resources(source), "bedrock": make_bedrock()}
+    resources = {**make_graph_resources(source), "titan_model": make_bedrock()}
     ingest(resources)
 
     def more(n: int) -> None:
@@ -65,11 +70,13 @@ def test_fastembed_sensor_fires_on_nulls_and_is_quiet_when_clean(backlog, lance_
     more = backlog.pop("more")
     with dg.instance_for_test() as instance:
         # No column yet: the column must be created (a migration), so the asset is requested.
-        result, cursor = tick(fastembed_backlog_sensor, instance, backlog)
+        result, cursor = tick(coarse_backlog_sensor, instance, backlog)
         [migrate] = requests(result)
-        assert migrate.asset_selection == [FASTEMBED_VECTORS] and migrate.partition_key is None
-        dg.materialize([fastembed_vectors], resources=backlog, instance=instance)
-        result, cursor = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+        # One run over every shard (only such a run may make the column), through the backfill job.
+        assert migrate.partition_key is None and migrate.job_name is None
+        assert {k: migrate.tags[k] for k in ALL_SHARDS} == ALL_SHARDS
+        dg.materialize([coarse_vectors], resources=backlog, instance=instance, tags=migrate.tags)
+        result, cursor = tick(coarse_backlog_sensor, instance, backlog, cursor)
         assert (
             isinstance(result, dg.SkipReason) and "every chunk has a vector" in result.skip_message
         )
@@ -81,32 +88,37 @@ def test_fastembed_sensor_fires_on_nulls_and_is_quiet_when_clean(backlog, lance_
             pending = {
                 r["chunk_id"]
                 for r in chunks.search()
-                .where(f"{FASTEMBED_COLUMN} IS NULL")
+                .where(f"{COARSE.column} IS NULL")
                 .limit(None)
                 .select(["chunk_id"])
                 .to_arrow()
                 .to_pylist()
             }
         assert pending
-        result, cursor = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+        result, cursor = tick(coarse_backlog_sensor, instance, backlog, cursor)
         runs = requests(result)
         assert {r.partition_key for r in runs} == {i[0] for i in pending}
-        assert all(r.job_name == "fastembed_backfill" for r in runs)
+        assert all(r.job_name is None for r in runs)  # the sensor's own job: coarse_backfill
+        assert coarse_backlog_sensor.job_name == "coarse_backfill"
         assert len({r.run_key for r in runs}) == len(runs)
         embedded = 0
         for run in runs:
-            done = BACKFILL_JOBS[FASTEMBED_COLUMN].execute_in_process(
-                partition_key=run.partition_key, resources=backlog, instance=instance, tags=run.tags
+            done = dg.materialize(
+                [coarse_vectors],
+                partition_key=run.partition_key,
+                resources=backlog,
+                instance=instance,
+                tags=run.tags,
             )
-            [event] = done.get_asset_materialization_events()
-            assert event.asset_key == FASTEMBED_VECTORS
+            [event] = done.get_asset_materialization_events()  # that shard's only
+            assert event.asset_key == coarse_vectors.key and event.partition == run.partition_key
             metadata = event.materialization.metadata
             assert metadata["shard"].value == run.partition_key
             embedded += metadata["rows_embedded"].value
         assert embedded == len(pending)  # every row once, none twice
         with table.get_connection() as db:
-            assert count_nulls(table.chunks_table(db), FASTEMBED_COLUMN) == 0
-        result, _ = tick(fastembed_backlog_sensor, instance, backlog, cursor)
+            assert count_nulls(table.chunks_table(db), COARSE.column) == 0
+        result, _ = tick(coarse_backlog_sensor, instance, backlog, cursor)
         assert (
             isinstance(result, dg.SkipReason) and "every chunk has a vector" in result.skip_message
         )
@@ -126,7 +138,9 @@ def test_titan_sensor_launches_one_run_per_backlog_however_often_it_ticks(backlo
         assert {r.run_key for r in requests(fresh)} == {r.run_key for r in runs}
 
         # While a run writing the column is in flight, nothing is launched.
-        job = BACKFILL_JOBS["embedding"]
+        job = dg.Definitions.merge(TITAN_DEFS, dg.Definitions(resources=backlog)).resolve_job_def(
+            "titan_backfill"
+        )
         instance.create_run_for_job(
             job_def=job,
             status=dg.DagsterRunStatus.STARTED,
@@ -142,8 +156,8 @@ def test_titan_shard_runs_drain_the_backlog_exactly(backlog, db):
     with dg.instance_for_test() as instance:
         embedded = 0
         for shard in SHARDS.get_partition_keys():
-            result = BACKFILL_JOBS["embedding"].execute_in_process(
-                partition_key=shard, resources=backlog, instance=instance
+            result = dg.materialize(
+                [titan_vectors], partition_key=shard, resources=backlog, instance=instance
             )
             [event] = result.get_asset_materialization_events()
             metadata = {k: v.value for k, v in event.materialization.metadata.items()}
@@ -179,7 +193,7 @@ class InsertingWhileEmbedding:
 
 def test_titan_backfill_picks_up_rows_inserted_while_it_runs(backlog, db):
     before = len(null_ids(db))
-    writer = InsertingWhileEmbedding(backlog["bedrock"], db, inserts=4)
+    writer = InsertingWhileEmbedding(backlog["titan_model"], db, inserts=4)
     with connect(db, autocommit=True) as conn:
         stats = embed_pending(conn, writer, batch_size=32, progress=lambda _: None)
     assert writer.added == 100
@@ -188,13 +202,13 @@ def test_titan_backfill_picks_up_rows_inserted_while_it_runs(backlog, db):
 
 
 def test_lancedb_fill_picks_up_rows_inserted_while_it_runs(backlog, lance_uri, fastembed):
-    dg.materialize([fastembed_vectors], resources=backlog)  # creates and fills the column
+    dg.materialize([coarse_vectors], resources=backlog, tags=ALL_SHARDS)  # makes the column
     store = LanceDBResource(uri=lance_uri)
     with store.get_connection() as db:
         chunks = store.chunks_table(db)
-        chunks.update(values_sql={FASTEMBED_COLUMN: "NULL"})  # a backlog of every row
+        chunks.update(values_sql={COARSE.column: "NULL"})  # a backlog of every row
         before = chunks.count_rows()
-        template = chunks.search().limit(50).to_arrow().drop_columns([FASTEMBED_COLUMN])
+        template = chunks.search().limit(50).to_arrow().drop_columns([COARSE.column])
         added = []
 
         def embed(texts, lengths):
@@ -205,11 +219,9 @@ def test_lancedb_fill_picks_up_rows_inserted_while_it_runs(backlog, lance_uri, f
                 added.append(new.num_rows)
             return fastembed.embed_documents(texts, lengths)
 
-        result = fill_nulls(
-            chunks, FASTEMBED_COLUMN, embed, write_rows=100, progress=lambda _: None
-        )
+        result = fill_nulls(chunks, COARSE.column, embed, write_rows=100, progress=lambda _: None)
         assert result.embedded == before + sum(added) == chunks.count_rows()
-        assert result.remaining == 0 == count_nulls(chunks, FASTEMBED_COLUMN)
+        assert result.remaining == 0 == count_nulls(chunks, COARSE.column)
 
 
 KILLED_TITAN_RUN = textwrap.dedent(
@@ -248,9 +260,9 @@ def test_a_backfill_killed_mid_batch_then_rerun_embeds_every_row_once(
     assert 0 < left < total - 16 * 3 + 1
     bedrock = make_bedrock()
     result = dg.materialize(
-        [titan_embeddings], resources={**backlog, "bedrock": bedrock}, selection=[titan_embeddings]
+        [titan_vectors], resources={**backlog, "titan_model": bedrock}, tags=ALL_SHARDS
     )
-    [event] = result.get_asset_materialization_events()
+    event = result.get_asset_materialization_events()[0]  # one per shard, the same figures
     metadata = {k: v.value for k, v in event.materialization.metadata.items()}
     assert metadata["rows_embedded"] == left and metadata["nulls_remaining"] == 0
     assert metadata["local_endpoint_ok"] == left  # no row done before the kill was redone

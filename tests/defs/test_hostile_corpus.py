@@ -9,9 +9,9 @@ import dagster as dg
 import lancedb
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.local_embeddings.assets import fastembed_vectors
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
 from retrieval_assets.lib.postgres import connect
+from tests.conftest import ALL_SHARDS, coarse_vectors
 
 
 def sharegpt(conv_id: str, *turns: tuple[str, str]) -> dict:
@@ -92,7 +92,8 @@ def test_hostile_corpus_names_every_problem_and_lands_the_good_records(
 ):
     expectations = hostile_corpus(tmp_path / "export")
     result = dg.materialize(
-        [conversations, conversation_chunks, fastembed_vectors],
+        [conversations, conversation_chunks, coarse_vectors],
+        tags=ALL_SHARDS,
         resources=make_graph_resources(tmp_path / "export"),
     )
     [event] = [
@@ -128,4 +129,4 @@ def test_hostile_corpus_names_every_problem_and_lands_the_good_records(
     assert not ids & {"loop", "empty"}
     assert deep_turns == (5_000,)
     table = lancedb.connect(lance_uri).open_table(CHUNKS_TABLE)
-    assert table.count_rows("vector_fastembed IS NULL") == 0 and table.count_rows() > 0
+    assert table.count_rows("vector_coarse IS NULL") == 0 and table.count_rows() > 0

@@ -18,11 +18,8 @@ from retrieval_assets.defs.coarse_index.assets import (
     search_snapshot_recall,
 )
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.local_embeddings.assets import (
-    fastembed_vectors,
-    sentence_transformer_vectors,
-)
-from retrieval_assets.defs.local_embeddings.checks import local_vector_checks
+from retrieval_assets.defs.vectors.columns import column_definitions
+from retrieval_assets.lib.columns import COARSE, FINE, LOCAL_MODELS_POOL, VectorColumn
 from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
@@ -30,31 +27,39 @@ from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, search
 from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import (
-    FASTEMBED_COLUMN,
-    ST_COLUMN,
     count_nulls,
     ensure_coarse_index,
     ensure_vector_column,
     fill_nulls,
 )
-from tests.conftest import real_sentences
+from tests.conftest import (
+    ALL_SHARDS,
+    coarse_checks,
+    coarse_vectors,
+    fine_checks,
+    fine_vectors,
+    real_sentences,
+)
 
 GRAPH = [
     conversations,
     conversation_chunks,
-    fastembed_vectors,
-    sentence_transformer_vectors,
+    coarse_vectors,
+    fine_vectors,
     coarse_index,
     coarse_recall,
     chunk_table_maintenance,
     search_snapshot,
     search_snapshot_recall,
-    local_vector_checks,
+    coarse_checks,
+    fine_checks,
 ]
 
 
 def run(resources, raise_on_error=True):
-    return dg.materialize(GRAPH, resources=resources, raise_on_error=raise_on_error)
+    return dg.materialize(
+        GRAPH, resources=resources, raise_on_error=raise_on_error, tags=ALL_SHARDS
+    )
 
 
 def meta(result, key: str) -> dict:
@@ -77,8 +82,8 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
     result = run(make_graph_resources(SAMPLE_DATA_DIR))
     rows = table(lance_uri).count_rows()
     for key, column in (
-        ("lancedb/fastembed_vectors", FASTEMBED_COLUMN),
-        ("lancedb/sentence_transformer_vectors", ST_COLUMN),
+        ("lancedb/coarse_vectors", COARSE.column),
+        ("lancedb/fine_vectors", FINE.column),
     ):
         m = meta(result, key)
         assert m["rows_embedded"] == rows and m["nulls_remaining"] == 0 and m["dims"] == 384
@@ -95,8 +100,8 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
             ).fetchall()
         )
     assert recorded == {
-        "vector_fastembed": "fastembed:sentence-transformers/all-MiniLM-L6-v2 384",
-        "vector": "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2 384",
+        "vector_coarse": "fastembed:sentence-transformers/all-MiniLM-L6-v2 384",
+        "vector_fine": "sentence-transformers:sentence-transformers/all-MiniLM-L6-v2 384",
     }
     index = meta(result, "lancedb/coarse_index")
     assert index["action"] == "none"
@@ -107,7 +112,7 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
     assert checks[("lancedb/coarse_index", "coarse_recall_at_10")].metadata[
         "recall_at_10"
     ].value == pytest.approx(1.0)
-    for key in ("lancedb/fastembed_vectors", "lancedb/sentence_transformer_vectors"):
+    for key in ("lancedb/coarse_vectors", "lancedb/fine_vectors"):
         for name in ("null_backlog", "dims_match_declared", "unit_norms"):
             assert checks[(key, name)].passed, (key, name)
         assert checks[(key, "dims_match_declared")].metadata["stored_dims"].value == 384
@@ -117,13 +122,13 @@ def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lanc
     run(make_graph_resources(SAMPLE_DATA_DIR))
     version = table(lance_uri).version
     again = run(make_graph_resources(SAMPLE_DATA_DIR))
-    for key in ("lancedb/fastembed_vectors", "lancedb/sentence_transformer_vectors"):
+    for key in ("lancedb/coarse_vectors", "lancedb/fine_vectors"):
         assert meta(again, key)["rows_embedded"] == 0
         assert meta(again, key)["column_action"] == "unchanged"
     assert table(lance_uri).version == version
 
     calls = []
-    result = fill_nulls(table(lance_uri), ST_COLUMN, lambda *a: calls.append(a))
+    result = fill_nulls(table(lance_uri), FINE.column, lambda *a: calls.append(a))
     assert calls == [] and result.embedded == 0
 
 
@@ -142,30 +147,30 @@ def test_changed_text_re_embeds_only_its_chunks(make_graph_resources, lance_uri,
     ]
     (source / "e.json").write_text(json.dumps(records))
     run(make_graph_resources(source))
-    before = vectors_by_id(lance_uri, ST_COLUMN)
+    before = vectors_by_id(lance_uri, FINE.column)
 
     records[2]["conversations"][1]["value"] = "a rewritten answer"
     (source / "e.json").write_text(json.dumps(records))
     result = run(make_graph_resources(source))
-    assert meta(result, "lancedb/fastembed_vectors")["rows_embedded"] == 1
-    assert meta(result, "lancedb/sentence_transformer_vectors")["rows_embedded"] == 1
-    after = vectors_by_id(lance_uri, ST_COLUMN)
+    assert meta(result, "lancedb/coarse_vectors")["rows_embedded"] == 1
+    assert meta(result, "lancedb/fine_vectors")["rows_embedded"] == 1
+    after = vectors_by_id(lance_uri, FINE.column)
     kept = before.keys() & after.keys()
     assert len(kept) == 4 and all(before[k] == after[k] for k in kept)
 
 
 def test_a_failing_fine_model_leaves_its_column_null(make_graph_resources, lance_uri):
     resources = make_graph_resources(SAMPLE_DATA_DIR)
-    resources["sentence_transformer"] = SentenceTransformerResource(model="/no/such/model")
+    resources["fine_model"] = SentenceTransformerResource(model="/no/such/model")
     result = run(resources, raise_on_error=False)
     assert not result.success
     failed = {e.step_key for e in result.all_events if e.is_step_failure}
-    assert failed == {"lancedb__sentence_transformer_vectors"}
+    assert failed == {"lancedb__fine_vectors"}
     chunks = table(lance_uri)
-    assert count_nulls(chunks, FASTEMBED_COLUMN) == 0
+    assert count_nulls(chunks, COARSE.column) == 0
     assert (
-        ST_COLUMN not in chunks.schema.names
-        or count_nulls(chunks, ST_COLUMN) == chunks.count_rows()
+        FINE.column not in chunks.schema.names
+        or count_nulls(chunks, FINE.column) == chunks.count_rows()
     )
 
 
@@ -175,18 +180,18 @@ def test_a_model_change_migrates_the_column_instead_of_mixing(make_graph_resourc
     rows = chunks.count_rows()
     with connect(db) as conn:
         assert (
-            ensure_vector_column(chunks, conn, ST_COLUMN, "sentence-transformers:other", 384)
+            ensure_vector_column(chunks, conn, FINE.column, "sentence-transformers:other", 384)
             == "migrated"
         )
-        assert count_nulls(chunks, ST_COLUMN) == rows  # the old space is gone, not relabelled
+        assert count_nulls(chunks, FINE.column) == rows  # the old space is gone, not relabelled
         assert (
-            ensure_vector_column(chunks, conn, ST_COLUMN, "sentence-transformers:other", 8)
+            ensure_vector_column(chunks, conn, FINE.column, "sentence-transformers:other", 8)
             == "migrated"
         )
-        assert chunks.schema.field(ST_COLUMN).type.list_size == 8
+        assert chunks.schema.field(FINE.column).type.list_size == 8
         history = conn.execute(
             "SELECT model, dims, retired_at IS NOT NULL FROM embedding_schema_versions "
-            "WHERE column_name = 'vector' ORDER BY id"
+            "WHERE column_name = 'vector_fine' ORDER BY id"
         ).fetchall()
     assert [h[2] for h in history] == [True, True, False] and history[-1][:2] == (
         "sentence-transformers:other",
@@ -194,7 +199,7 @@ def test_a_model_change_migrates_the_column_instead_of_mixing(make_graph_resourc
     )
     # the configured model is back: one more migration, then the asset refills every row
     result = run(make_graph_resources(SAMPLE_DATA_DIR))
-    m = meta(result, "lancedb/sentence_transformer_vectors")
+    m = meta(result, "lancedb/fine_vectors")
     assert m["column_action"] == "migrated" and m["rows_embedded"] == rows
 
 
@@ -204,17 +209,17 @@ def test_a_seeded_record_learns_its_dims_when_the_column_is_created(db, lance_ur
         conn.execute(
             "INSERT INTO embedding_schema_versions (store, table_name, column_name, "
             "model, dims) VALUES ('lancedb', %s, %s, 'fastembed:m', NULL)",
-            [CHUNKS_TABLE, FASTEMBED_COLUMN],
+            [CHUNKS_TABLE, COARSE.column],
         )
         assert (
-            ensure_vector_column(chunks, conn, FASTEMBED_COLUMN, "fastembed:m", lambda: 16)
+            ensure_vector_column(chunks, conn, COARSE.column, "fastembed:m", lambda: 16)
             == "created"
         )
         assert (
             ensure_vector_column(
                 chunks,
                 conn,
-                FASTEMBED_COLUMN,
+                COARSE.column,
                 "fastembed:m",
                 lambda: pytest.fail("the model must not load"),
             )
@@ -224,7 +229,7 @@ def test_a_seeded_record_learns_its_dims_when_the_column_is_created(db, lance_ur
             "SELECT model, dims, retired_at FROM embedding_schema_versions WHERE store = 'lancedb'"
         ).fetchall()
     assert rows == [("fastembed:m", 16, None)]
-    assert chunks.schema.field(FASTEMBED_COLUMN).type.list_size == 16
+    assert chunks.schema.field(COARSE.column).type.list_size == 16
 
 
 @pytest.fixture(scope="module")
@@ -251,10 +256,10 @@ def corpus(tmp_path_factory, fastembed, sentence_transformer):
         schema=chunk_schema(),
     )
     chunks = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=base)
-    chunks.add_columns(pa.field(FASTEMBED_COLUMN, pa.list_(pa.float32(), 384)))
-    chunks.add_columns(pa.field(ST_COLUMN, pa.list_(pa.float32(), 384)))
-    fill_nulls(chunks, FASTEMBED_COLUMN, fastembed.embed_documents)
-    fill_nulls(chunks, ST_COLUMN, sentence_transformer.embed_documents)
+    chunks.add_columns(pa.field(COARSE.column, pa.list_(pa.float32(), 384)))
+    chunks.add_columns(pa.field(FINE.column, pa.list_(pa.float32(), 384)))
+    fill_nulls(chunks, COARSE.column, fastembed.embed_documents)
+    fill_nulls(chunks, FINE.column, sentence_transformer.embed_documents)
     return chunks, sentences
 
 
@@ -263,23 +268,23 @@ def test_a_fill_never_undoes_what_the_other_column_s_fill_wrote_meanwhile(
 ):
     """Fills write whole rows; the run filling the other column commits while this one embeds."""
     chunks, _ = corpus
-    rows = chunks.search().limit(300).to_arrow().drop_columns([FASTEMBED_COLUMN, ST_COLUMN])
+    rows = chunks.search().limit(300).to_arrow().drop_columns([COARSE.column, FINE.column])
     uri = str(tmp_path)
     table = lancedb.connect(uri).create_table(CHUNKS_TABLE, data=rows)
-    table.add_columns(pa.field(FASTEMBED_COLUMN, pa.list_(pa.float32(), 384)))
-    table.add_columns(pa.field(ST_COLUMN, pa.list_(pa.float32(), 384)))
+    table.add_columns(pa.field(COARSE.column, pa.list_(pa.float32(), 384)))
+    table.add_columns(pa.field(FINE.column, pa.list_(pa.float32(), 384)))
     beside = lancedb.connect(uri).open_table(CHUNKS_TABLE)  # the other run's own handle
     calls = []
 
     def embed_fine(texts, lengths):
         if not calls:  # while the first batch is being embedded, the coarse fill completes
-            assert fill_nulls(beside, FASTEMBED_COLUMN, fastembed.embed_documents).embedded == 300
+            assert fill_nulls(beside, COARSE.column, fastembed.embed_documents).embedded == 300
         calls.append(len(texts))
         return sentence_transformer.embed_documents(texts, lengths)
 
-    result = fill_nulls(table, ST_COLUMN, embed_fine, write_rows=100)
+    result = fill_nulls(table, FINE.column, embed_fine, write_rows=100)
 
-    assert table.count_rows(f"{FASTEMBED_COLUMN} IS NULL OR {ST_COLUMN} IS NULL") == 0
+    assert table.count_rows(f"{COARSE.column} IS NULL OR {FINE.column} IS NULL") == 0
     assert result.embedded == 300 and result.remaining == 0
     assert sum(calls) > 300  # the batch read before the coarse fill was skipped and redone
     assert table.count_rows() == 300
@@ -290,7 +295,7 @@ def test_coarse_search_returns_exactly_min_k_rows(corpus, fastembed, indexed):
     chunks, sentences = corpus
     if indexed:
         assert ensure_coarse_index(chunks, min_rows=500).action in ("built", "unchanged")
-        assert chunks.index_stats(f"{FASTEMBED_COLUMN}_idx").num_indexed_rows == len(sentences)
+        assert chunks.index_stats(f"{COARSE.column}_idx").num_indexed_rows == len(sentences)
     query = fastembed.embed_query("how do I parse command line arguments")
     assert coarse_search(chunks, query, 100).num_rows == 100
     assert coarse_search(chunks, query, 7).num_rows == 7
@@ -310,9 +315,11 @@ def test_search_reranks_by_the_fine_vectors(corpus, fastembed, sentence_transfor
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
     q = sentence_transformer.embed_query(query)
-    fine = chunks.search().where(f"chunk_id = '{hits[0].chunk_id}'").select([ST_COLUMN]).to_arrow()
+    fine = (
+        chunks.search().where(f"chunk_id = '{hits[0].chunk_id}'").select([FINE.column]).to_arrow()
+    )
     assert hits[0].score == pytest.approx(
-        float(np.dot(fine.column(ST_COLUMN)[0].as_py(), q)), abs=1e-5
+        float(np.dot(fine.column(FINE.column)[0].as_py(), q)), abs=1e-5
     )
     assert "json" in hits[0].content.lower()
 
@@ -329,7 +336,7 @@ def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
         .drop_columns([c for c in ("_distance",) if c in chunks.schema.names]),
     )
     best = search(copy, fastembed, sentence_transformer, "JSON documents", k=1)[0]
-    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={ST_COLUMN: None})
+    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={FINE.column: None})
     hits = search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
     assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
     assert all(h.reranked for h in hits[:-1])
@@ -389,7 +396,7 @@ def test_a_snapshot_keeps_rows_without_fine_vectors_after_reranked_ones(
     copy = copy_of(chunks, str(tmp_path / "lancedb"))
     query = "JSON documents"
     best = search(copy, fastembed, sentence_transformer, query, k=1)[0]
-    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={ST_COLUMN: None})
+    copy.update(where=f"chunk_id = '{best.chunk_id}'", values={FINE.column: None})
     build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
     snapshot = current(tmp_path / "snapshot")
     assert snapshot.serves(copy) and int(np.sum(~np.asarray(snapshot.has_fine))) == 1
@@ -411,9 +418,9 @@ def test_a_snapshot_update_inserts_only_what_changed_and_answers_like_a_fresh_bu
     donor = copy.search().where(f"chunk_id = '{best}'").limit(1).to_arrow()
     copy.delete(f"chunk_id = '{best}'")
     moved = f"{len(sentences) - 1:032x}"
-    copy.update(where=f"chunk_id = '{moved}'", values={FASTEMBED_COLUMN: query.tolist()})
+    copy.update(where=f"chunk_id = '{moved}'", values={COARSE.column: query.tolist()})
     copy.add(donor.set_column(0, "chunk_id", pa.array(["f" * 32])).select(copy.schema.names))
-    copy.update(where="chunk_id = '" + f"{5:032x}" + "'", values={ST_COLUMN: None})
+    copy.update(where="chunk_id = '" + f"{5:032x}" + "'", values={FINE.column: None})
 
     updated = build(copy, root, RESULT_COLUMNS)
     snapshot = current(root)
@@ -429,11 +436,11 @@ def test_a_snapshot_update_inserts_only_what_changed_and_answers_like_a_fresh_bu
         fresh = coarse_search(copy, vector, 10, snapshot=current(fresh_root)).to_pylist()
         assert len({r["chunk_id"] for r in ours} & {r["chunk_id"] for r in fresh}) >= 9
     fifth = f"{5:032x}"
-    own = copy.search().where(f"chunk_id = '{fifth}'").select([FASTEMBED_COLUMN]).to_arrow()
-    own = np.asarray(own.column(FASTEMBED_COLUMN)[0].as_py(), dtype=np.float32)
-    row = coarse_search(copy, own, 1, snapshot=snapshot, columns=["chunk_id", ST_COLUMN])
+    own = copy.search().where(f"chunk_id = '{fifth}'").select([COARSE.column]).to_arrow()
+    own = np.asarray(own.column(COARSE.column)[0].as_py(), dtype=np.float32)
+    row = coarse_search(copy, own, 1, snapshot=snapshot, columns=["chunk_id", FINE.column])
     assert row.to_pylist()[0]["chunk_id"] == fifth
-    assert row.to_pylist()[0][ST_COLUMN] is None  # the NULL fine vector, not the old one
+    assert row.to_pylist()[0][FINE.column] is None  # the NULL fine vector, not the old one
 
 
 def test_snapshot_builds_at_the_same_time_both_complete(corpus, tmp_path):
@@ -504,3 +511,72 @@ def test_readers_move_to_the_latest_version_when_maintenance_removed_theirs(tmp_
     handles = iter([stale, lancedb.connect(uri).open_table(CHUNKS_TABLE)])
     total, _ = on_latest_version(lambda: next(handles), lambda t: t.to_arrow().num_rows)
     assert total == 100
+
+
+def test_columns_under_their_former_names_are_renamed_in_place(make_graph_resources, db, lance_uri):
+    """A store from before roles named the columns (vector_fastembed, vector) keeps its vectors:
+    the next run renames the columns and their model records, and embeds nothing again."""
+    run(make_graph_resources(SAMPLE_DATA_DIR))
+    chunks = table(lance_uri)
+    chunks.alter_columns(
+        {"path": COARSE.column, "rename": "vector_fastembed"},
+        {"path": FINE.column, "rename": "vector"},
+    )
+    with connect(db) as conn:  # the records as they were before revision 0008
+        for old, new in (("vector_fastembed", COARSE.column), ("vector", FINE.column)):
+            conn.execute(
+                "UPDATE embedding_schema_versions SET column_name = %s "
+                "WHERE store = 'lancedb' AND column_name = %s",
+                [old, new],
+            )
+    before = vectors_by_id(lance_uri, "vector_fastembed")
+
+    result = run(make_graph_resources(SAMPLE_DATA_DIR))
+    for key in ("lancedb/coarse_vectors", "lancedb/fine_vectors"):
+        assert meta(result, key)["column_action"] == "renamed"
+        assert meta(result, key)["rows_embedded"] == 0
+    names = table(lance_uri).schema.names
+    assert {COARSE.column, FINE.column} <= set(names)
+    assert not {"vector_fastembed", "vector"} & set(names)
+    assert vectors_by_id(lance_uri, COARSE.column) == before
+    with connect(db) as conn:
+        recorded = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM embedding_schema_versions WHERE store = 'lancedb'"
+            )
+        }
+    assert recorded == {COARSE.column, FINE.column}
+
+
+def test_a_declared_column_is_made_filled_and_checked_by_its_definitions(
+    make_graph_resources, db, lance_uri
+):
+    """Adding a column is one declaration: its asset makes and fills it with its model, and its
+    checks run with it."""
+    extra = VectorColumn(
+        role="extra",
+        store="lancedb",
+        column="vector_extra",
+        model_resource="coarse_model",
+        pool=LOCAL_MODELS_POOL,
+        kinds=("lancedb", "onnx"),
+        description="A throwaway column, filled by the coarse model.",
+    )
+    made = column_definitions(extra)
+    result = dg.materialize(
+        [conversations, conversation_chunks, *(made.assets or []), *(made.asset_checks or [])],
+        resources=make_graph_resources(SAMPLE_DATA_DIR),
+        tags=ALL_SHARDS,
+    )
+    rows = table(lance_uri).count_rows()
+    figures = meta(result, "lancedb/extra_vectors")
+    assert figures["column"] == "vector_extra" and figures["column_action"] == "created"
+    assert figures["rows_embedded"] == rows > 0
+    assert count_nulls(table(lance_uri), "vector_extra") == 0
+    checks = {
+        e.check_name: e.passed
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.to_user_string() == "lancedb/extra_vectors"
+    }
+    assert checks == {"null_backlog": True, "dims_match_declared": True, "unit_norms": True}

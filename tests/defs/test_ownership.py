@@ -96,8 +96,8 @@ def test_under_supabase_rls_each_user_reads_only_their_conversation(
     chunker_resource,
 ):
     from retrieval_assets.lib.lancedb_store import LanceDBResource
-    from retrieval_assets.lib.parsers import ConversationSourceResource
     from retrieval_assets.lib.postgres import PostgresResource
+    from retrieval_assets.lib.sources import ConversationSourceResource
 
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     for user, text in ((alice, "alice's secret"), (bob, "bob's attempt")):
@@ -184,7 +184,7 @@ MATERIALIZE_IN_CHILD = """
 import json, sys
 import dagster as dg
 from retrieval_assets.defs.conversations.assets import conversations
-from retrieval_assets.lib.parsers import ConversationSourceResource
+from retrieval_assets.lib.sources import ConversationSourceResource
 from retrieval_assets.lib.postgres import PostgresResource
 result = dg.materialize([conversations], resources={
     "postgres": PostgresResource(database_url=sys.argv[1]),

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
-from retrieval_assets.defs.titan_embeddings.checks import titan_checks
 from retrieval_assets.lib.bedrock_emulator import projection
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
@@ -21,20 +19,20 @@ from retrieval_assets.lib.titan import (
     replay_quarantine,
     write_vectors,
 )
-from tests.conftest import real_sentences
+from tests.conftest import ALL_SHARDS, real_sentences, titan_checks, titan_vectors
 
-GRAPH = [conversations, conversation_chunks, titan_embeddings, titan_checks]
+GRAPH = [conversations, conversation_chunks, titan_vectors, titan_checks]
 
 
 def run(resources: dict, bedrock) -> dg.ExecuteInProcessResult:
-    return dg.materialize(GRAPH, resources={**resources, "bedrock": bedrock})
+    return dg.materialize(GRAPH, resources={**resources, "titan_model": bedrock}, tags=ALL_SHARDS)
 
 
 def meta(result) -> dict:
     for event in result.get_asset_materialization_events():
-        if event.asset_key.to_user_string() == "postgres/titan_embeddings":
+        if event.asset_key.to_user_string() == "postgres/titan_vectors":
             return {k: v.value for k, v in event.materialization.metadata.items()}
-    raise KeyError("postgres/titan_embeddings")
+    raise KeyError("postgres/titan_vectors")
 
 
 def counts(db) -> tuple[int, int]:
@@ -84,7 +82,7 @@ def test_failing_rows_stay_null_are_quarantined_and_can_be_replayed(
     assert first["rows_failed"] == total and first["rows_embedded"] == 0
     assert first["nulls_remaining"] == total and first["quarantined"] == 0
     run(resources, broken)
-    third = dg.materialize(GRAPH, resources={**resources, "bedrock": broken})
+    third = dg.materialize(GRAPH, resources={**resources, "titan_model": broken}, tags=ALL_SHARDS)
     evaluation = next(
         e for e in third.get_asset_check_evaluations() if e.check_name == "no_quarantined_rows"
     )

@@ -183,6 +183,45 @@ def sensor_state(server: Server, name: str) -> dict:
     return graphql(server, SENSOR_TICKS, {"selector": selector})
 
 
+PARTITION_STATS = """
+query ($key: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $key) {
+    ... on AssetNode { partitionStats { numMaterialized numPartitions numFailed } }
+  }
+}
+"""
+
+
+def partition_stats(server: Server, key: str) -> dict:
+    """Shards of the vector asset `key` (a/b) materialized, failed, in all, as the UI counts."""
+    found = graphql(server, PARTITION_STATS, {"key": {"path": key.split("/")}})
+    return found["data"]["assetNodeOrError"]["partitionStats"]
+
+
+IN_PROGRESS = """
+query { runsOrError(filter: {statuses: [QUEUED, NOT_STARTED, STARTING, STARTED]}) {
+  ... on Runs { results { runId } } } }
+"""
+
+
+CHECK_RUNS = """
+query ($key: AssetKeyInput!, $name: String!) {
+  assetCheckExecutions(assetKey: $key, checkName: $name, limit: 50) { runId status }
+}
+"""
+
+
+def check_runs(server: Server, key: str, name: str) -> set[str]:
+    """The runs in which check `name` of asset `key` was evaluated (the latest 50)."""
+    variables = {"key": {"path": key.split("/")}, "name": name}
+    found = graphql(server, CHECK_RUNS, variables)["data"]["assetCheckExecutions"]
+    return {e["runId"] for e in found if e["status"] in ("SUCCEEDED", "FAILED")}
+
+
+def runs_in_progress(server: Server) -> int:
+    return len(graphql(server, IN_PROGRESS, {})["data"]["runsOrError"]["results"])
+
+
 def sensor_report(server: Server, name: str) -> str:
     """The sensor's state and the daemon's last log lines: the message of a test that waited
     in vain for the sensor."""
@@ -209,29 +248,46 @@ def run_status(page, server: Server, short_id: str) -> str | None:
     return found.group(1) if found else None
 
 
+VECTOR_ASSETS = ("lancedb/coarse_vectors", "lancedb/fine_vectors", "postgres/titan_vectors")
+
+
 def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     open_page(page, server, "/asset-groups")
-    page.get_by_text("local_embeddings").first.wait_for()
+    page.get_by_text("vectors").first.wait_for()
     shot(page, "01-asset-graph")
+    # The vector assets are partitioned by shard: the UI asks which partitions (all, by default)
+    # and launches a backfill; their single-run policy makes each one run over every shard.
     page.get_by_role("button", name="Materialize all").click()
-    toast = page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}")).first
-    toast.wait_for()
-    short_id = re.search(r"[0-9a-f]{8}", toast.inner_text()).group(0)
-    status = wait_for(
-        lambda: (s := run_status(page, server, short_id)) in ("Success", "Failure") and s,
-        600,
-        f"run {short_id} (Materialize all) to finish",
-        every=5,
-    )
-    shot(page, "02-runs-after-materialize-all")
-    assert status == "Success", server.log.read_text()[-3000:]
+    launch = page.get_by_role("button", name=re.compile(r"^Launch"))
+    launch.last.wait_for()
+    shot(page, "01b-materialize-all-partitions")
+    launch.last.click()
 
-    open_page(page, server, "/assets/lancedb/fastembed_vectors")
+    def all_shards_done() -> bool:
+        stats = [partition_stats(server, key) for key in VECTOR_ASSETS]
+        failed = [key for key, s in zip(VECTOR_ASSETS, stats, strict=True) if s["numFailed"]]
+        assert not failed, f"shards failed: {failed}\n{server.log.read_text()[-3000:]}"
+        return all(s["numMaterialized"] == s["numPartitions"] == 16 for s in stats) and (
+            runs_in_progress(server) == 0
+        )
+
+    wait_for(all_shards_done, 900, "every shard of every vector column", every=5)
+    page.goto(server.base + "/runs")
+    page.get_by_text("Launched by").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    shot(page, "02-runs-after-materialize-all")
+    assert "Failure" not in page.locator("body").inner_text(), server.log.read_text()[-3000:]
+
+    # Each column's completeness per shard, natively.
+    open_page(page, server, "/assets/lancedb/coarse_vectors?view=partitions")
+    page.get_by_text(re.compile(r"16 partitions|16 total|16/16|of 16")).first.wait_for()
+    shot(page, "02b-coarse-vectors-partitions")
+    open_page(page, server, "/assets/lancedb/coarse_vectors?view=events")
     body = page.locator("body")
     page.get_by_text("rows_embedded").first.wait_for()
     assert "fastembed:sentence-transformers/all-MiniLM-L6-v2" in body.inner_text()
-    shot(page, "03-fastembed-vectors-asset")
-    open_page(page, server, "/assets/postgres/titan_embeddings")
+    shot(page, "03-coarse-vectors-asset")
+    open_page(page, server, "/assets/postgres/titan_vectors?view=events")
     page.get_by_text("vector_source").first.wait_for()
     assert "local Bedrock endpoint" in body.inner_text()
     shot(page, "04-titan-asset")
@@ -247,13 +303,13 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     import lancedb
 
     table = lancedb.connect(str(server.data_dir / "lancedb")).open_table("conversation_chunks")
-    table.update(values_sql={"vector_fastembed": "NULL"})
-    open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
+    table.update(values_sql={"vector_coarse": "NULL"})
+    open_page(page, server, "/locations/retrieval_assets/sensors/coarse_backlog_sensor")
     page.get_by_text("Running").first.wait_for()
-    sensor_page = "/locations/retrieval_assets/sensors/fastembed_backlog_sensor"
+    sensor_page = "/locations/retrieval_assets/sensors/coarse_backlog_sensor"
 
     def sensor_status() -> str:
-        return sensor_state(server, "fastembed_backlog_sensor")["data"]["sensorOrError"][
+        return sensor_state(server, "coarse_backlog_sensor")["data"]["sensorOrError"][
             "sensorState"
         ]["status"]
 
@@ -277,15 +333,15 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     shot(page, "06-sensor-turned-on")
 
     def launched_runs() -> list[str]:
-        state = sensor_state(server, "fastembed_backlog_sensor")["data"]["sensorOrError"]
+        state = sensor_state(server, "coarse_backlog_sensor")["data"]["sensorOrError"]
         return next((t["runIds"] for t in state["sensorState"]["ticks"] if t["runIds"]), [])
 
     try:
-        run_ids = wait_for(launched_runs, 300, "a tick of fastembed_backlog_sensor to launch runs")
+        run_ids = wait_for(launched_runs, 300, "a tick of coarse_backlog_sensor to launch runs")
     except AssertionError as exc:
         open_page(page, server, sensor_page)
         shot(page, "07-sensor-launched-no-run")
-        raise AssertionError(f"{exc}\n{sensor_report(server, 'fastembed_backlog_sensor')}") from exc
+        raise AssertionError(f"{exc}\n{sensor_report(server, 'coarse_backlog_sensor')}") from exc
 
     def runs_page_lists(run_id: str) -> str | None:
         page.goto(server.base + "/runs")
@@ -295,9 +351,18 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
         return text if run_id[:8] in text else None
 
     text = wait_for(lambda: runs_page_lists(run_ids[0]), 60, f"run {run_ids[0]} on /runs", every=2)
-    assert "fastembed_backfill" in text and "fastembed_backlog_sensor" in text
+    assert "coarse_backfill" in text and "coarse_backlog_sensor" in text
     shot(page, "07-sensor-launched-runs")
-    open_page(page, server, "/locations/retrieval_assets/sensors/fastembed_backlog_sensor")
+    # The shard runs finish; the column is whole again, shard by shard, and its checks ran
+    # after them (null_backlog evaluated by a run of the backfill job).
+    wait_for(lambda: runs_in_progress(server) == 0, 600, "the shard runs to finish", every=5)
+    assert partition_stats(server, "lancedb/coarse_vectors")["numFailed"] == 0
+    evaluated_in = check_runs(server, "lancedb/coarse_vectors", "null_backlog")
+    assert set(run_ids) <= evaluated_in, (run_ids, evaluated_in)
+    open_page(page, server, "/assets/lancedb/coarse_vectors?view=checks")
+    page.get_by_text("null_backlog").first.wait_for()
+    shot(page, "07b-coarse-vectors-checks-after-shard-runs")
+    open_page(page, server, "/locations/retrieval_assets/sensors/coarse_backlog_sensor")
     shot(page, "08-sensor-ticks")
 
 

@@ -18,16 +18,14 @@ import dagster as dg
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.local_embeddings.assets import fastembed_vectors
-from retrieval_assets.defs.titan_embeddings.assets import titan_embeddings
 from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
-from retrieval_assets.lib.parsers import ConversationSourceResource
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
 from retrieval_assets.lib.schema import ensure_schema
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN
+from retrieval_assets.lib.sources import ConversationSourceResource
 from tests import PROJECT_ROOT
-from tests.conftest import write_jsonl_source
+from tests.conftest import ALL_SHARDS, coarse_vectors, titan_vectors, write_jsonl_source
 
 CONVERSATIONS = int(os.environ.get("FAULT_CONVERSATIONS", "200"))
 FIGURES: list[str] = []
@@ -63,7 +61,7 @@ def _ingested(tmp_path, url, chunker_resource, fastembed) -> dict:
             path=str(write_jsonl_source(tmp_path / "source", range(CONVERSATIONS)))
         ),
         "chunker": chunker_resource,
-        "fastembed": fastembed,
+        "coarse_model": fastembed,
     }
     dg.materialize([conversations, conversation_chunks], resources=resources)
     resources["pgdata"] = tmp_path / "pgdata" / "pg"
@@ -90,13 +88,14 @@ def assert_lancedb_exactly_once(uri: str, expected: list[str]) -> None:
     table = lancedb.connect(uri).open_table(CHUNKS_TABLE)
     ids = table.search().select(["chunk_id"]).limit(None).to_arrow().column("chunk_id").to_pylist()
     assert sorted(ids) == sorted(expected)  # none lost, none duplicated
-    assert table.count_rows(f"{FASTEMBED_COLUMN} IS NULL") == 0
+    assert table.count_rows(f"{COARSE.column} IS NULL") == 0
 
 
 def titan_run(resources, bedrock, raise_on_error=True):
     result = dg.materialize(
-        [titan_embeddings],
-        resources={**resources, "bedrock": bedrock},
+        [titan_vectors],
+        resources={**resources, "titan_model": bedrock},
+        tags=ALL_SHARDS,
         raise_on_error=raise_on_error,
     )
     events = result.get_asset_materialization_events()
@@ -221,12 +220,12 @@ def wait_for_batches(process: subprocess.Popen, batches: int) -> None:
 def lance_rows_embedded(stores) -> int:
     with stores["lancedb"].get_connection() as db:
         table = stores["lancedb"].chunks_table(db)
-        return table.count_rows(f"{FASTEMBED_COLUMN} IS NOT NULL")
+        return table.count_rows(f"{COARSE.column} IS NOT NULL")
 
 
 def finish_lancedb(stores) -> int:
-    result = dg.materialize([fastembed_vectors], resources=stores)
-    [event] = result.get_asset_materialization_events()
+    result = dg.materialize([coarse_vectors], resources=stores, tags=ALL_SHARDS)
+    event = result.get_asset_materialization_events()[0]  # one per shard, the same figures
     return event.materialization.metadata["rows_embedded"].value
 
 
@@ -257,7 +256,7 @@ def test_two_runs_write_the_same_lancedb_table(stores, tmp_path):
     models = str(tmp_path / "models")
     finish_lancedb({**stores})  # creates the column, so both runs race on the rows only
     with stores["lancedb"].get_connection() as db:
-        stores["lancedb"].chunks_table(db).update(values_sql={FASTEMBED_COLUMN: "NULL"})
+        stores["lancedb"].chunks_table(db).update(values_sql={COARSE.column: "NULL"})
     runs = [worker(stores, models, 48), worker(stores, models, 48)]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (out, err) in zip(runs, outputs, strict=True):

@@ -7,11 +7,11 @@ Prints one line per committed batch (flushed), so the suite knows when to strike
 
 import sys
 
-from retrieval_assets.defs.local_embeddings.assets import fill_column
+from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN
+from retrieval_assets.lib.stores.lancedb import LanceDBColumns
 
 
 class PrintLog:
@@ -23,12 +23,12 @@ class PrintLog:
 
 def main() -> None:
     database_url, lance_uri, models, batch_rows = sys.argv[1:5]
-    metadata = fill_column(
-        PrintLog(),
+    store = LanceDBColumns(
         PostgresResource(database_url=database_url),
         LanceDBResource(uri=lance_uri, write_batch_rows=int(batch_rows)),
-        FastEmbedResource(data_dir=models, batch_size=8),
-        FASTEMBED_COLUMN,
+    )
+    metadata = store.fill(
+        COARSE, FastEmbedResource(data_dir=models, batch_size=8), None, PrintLog()
     )
     print(f"done {metadata['rows_embedded']}", flush=True)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from retrieval_assets.lib.chunking import Chunker, parse_tiers
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, load_tokenizer
-from retrieval_assets.lib.parsers import Conversation, Turn
+from retrieval_assets.lib.sources import Conversation, Turn
 
 TIERS = "micro:16:4,medium:48:8"
 WORDS = (

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retrieval_assets.lib.parsers import ParseReport, read_conversations
+from retrieval_assets.lib.sources import ParseReport, read_conversations
 
 
 def read(path: Path) -> tuple[list, ParseReport]:
@@ -229,7 +229,7 @@ UNPRIVILEGED = (
 READ_IN_CHILD = """
 import json, sys
 from pathlib import Path
-from retrieval_assets.lib.parsers import ParseReport, read_conversations
+from retrieval_assets.lib.sources import ParseReport, read_conversations
 report = ParseReport()
 ids = [c.id for c in read_conversations(Path(sys.argv[1]), default_user_id="u", report=report)]
 print(json.dumps({"ids": ids, "complete": report.complete,

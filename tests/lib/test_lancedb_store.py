@@ -6,6 +6,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import (
     CHUNKS_TABLE,
     ROW_VERSION,
@@ -14,7 +15,7 @@ from retrieval_assets.lib.lancedb_store import (
     insert_missing,
     rows_to_arrow,
 )
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, vector_field
+from retrieval_assets.lib.vectors import vector_field
 
 
 def chunk(i: int) -> tuple:
@@ -23,14 +24,14 @@ def chunk(i: int) -> tuple:
 
 def test_inserting_missing_chunks_writes_whole_rows_and_leaves_existing_ones(tmp_path):
     table = lancedb.connect(tmp_path).create_table(CHUNKS_TABLE, schema=chunk_schema())
-    table.add_columns(vector_field(FASTEMBED_COLUMN, 4))
+    table.add_columns(vector_field(COARSE.column, 4))
     ensure_row_version(table)
     insert_missing(table, rows_to_arrow([chunk(0)]))
-    vector = pa.array([[1.0, 0.0, 0.0, 0.0]], type=table.schema.field(FASTEMBED_COLUMN).type)
+    vector = pa.array([[1.0, 0.0, 0.0, 0.0]], type=table.schema.field(COARSE.column).type)
     filled = (
         table.search()
         .to_arrow()
-        .set_column(table.schema.get_field_index(FASTEMBED_COLUMN), FASTEMBED_COLUMN, vector)
+        .set_column(table.schema.get_field_index(COARSE.column), COARSE.column, vector)
     )
     table.merge_insert("chunk_id").when_matched_update_all().execute(filled)
 
@@ -38,7 +39,7 @@ def test_inserting_missing_chunks_writes_whole_rows_and_leaves_existing_ones(tmp
 
     rows = {r["chunk_id"]: r for r in table.search().to_arrow().to_pylist()}
     assert len(rows) == 2
-    assert np.allclose(rows[f"{0:032x}"][FASTEMBED_COLUMN], [1, 0, 0, 0])
+    assert np.allclose(rows[f"{0:032x}"][COARSE.column], [1, 0, 0, 0])
     new = rows[f"{1:032x}"]
-    assert new[FASTEMBED_COLUMN] is None and new[ROW_VERSION] is None
+    assert new[COARSE.column] is None and new[ROW_VERSION] is None
     assert new["content"] == "text 1" and new["chunk_index"] == 1

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_assets.lib.parsers import ParseReport, read_conversations
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
+from retrieval_assets.lib.sources import ParseReport, read_conversations
 
 
 def read(path: Path, **kw) -> tuple[list, ParseReport]:
@@ -273,3 +273,40 @@ def test_missing_source_is_a_clear_error(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="holds no"):
         read(empty)
+
+
+def test_a_new_format_is_one_module_and_one_registry_line(tmp_path, monkeypatch):
+    """A format module names itself, says which records are its own and reads one into
+    (meta, raw turns); the registry line makes the reader use it for every JSON record."""
+    from types import SimpleNamespace
+
+    from retrieval_assets.lib.sources import registry
+    from retrieval_assets.lib.sources.domain import RecordMeta
+
+    threads = SimpleNamespace(
+        NAME="threads",
+        DESCRIPTION="Threads (posts)",
+        recognises=lambda record: isinstance(record.get("posts"), list),
+        read=lambda record, name, origin, limits, report: (
+            RecordMeta(id=record["thread_id"], title=record.get("subject")),
+            [(p["author"], p["body"], p.get("at")) for p in record["posts"]],
+        ),
+    )
+    path = write_json(
+        tmp_path / "threads.json",
+        [
+            {"thread_id": "t1", "subject": "s", "posts": [{"author": "user", "body": "hello"}]},
+            sharegpt("g1", ("human", "hi there")),
+        ],
+    )
+    conversations, report = read(path)
+    assert [c.id for c in conversations] == ["g1"] and report.rejected_records == 1
+    assert "not a ChatGPT (mapping), Claude (chat_messages) or ShareGPT" in str(report.problems[0])
+
+    monkeypatch.setattr(registry, "RECORD_FORMATS", (*registry.RECORD_FORMATS, threads))
+    conversations, report = read(path)
+    assert {(c.id, c.source_format) for c in conversations} == {
+        ("t1", "threads"),
+        ("g1", "sharegpt"),
+    }
+    assert report.rejected_records == 0

@@ -3,12 +3,13 @@
 import dagster as dg
 import numpy as np
 
-from retrieval_assets.defs.local_embeddings.assets import FASTEMBED_VECTORS, ST_VECTORS
+from retrieval_assets.defs.vectors.columns import asset_key
+from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
 from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search
 from retrieval_assets.lib.search_snapshot import SearchSnapshot, build, current
-from retrieval_assets.lib.vectors import FASTEMBED_COLUMN, ensure_coarse_index
+from retrieval_assets.lib.vectors import ensure_coarse_index
 
 COARSE_INDEX = dg.AssetKey(["lancedb", "coarse_index"])
 RECALL_CHECK = "coarse_recall_at_10"
@@ -18,7 +19,7 @@ _PROBE_QUERIES = 20
 
 def sample_recall(
     table,
-    fastembed: FastEmbedResource,
+    coarse_model: FastEmbedResource,
     queries: int = _PROBE_QUERIES,
     k: int = 10,
     snapshot: SearchSnapshot | None = None,
@@ -27,7 +28,7 @@ def sample_recall(
     texts used as queries."""
     sample = (
         table.search()
-        .where(f"{FASTEMBED_COLUMN} IS NOT NULL")
+        .where(f"{COARSE.column} IS NOT NULL")
         .select(["content"])
         .limit(queries)
         .to_arrow()
@@ -38,7 +39,7 @@ def sample_recall(
         return 1.0
     found = []
     for text in sample:
-        vector = fastembed.embed_query(text[:500])
+        vector = coarse_model.embed_query(text[:500])
         approx = set(
             coarse_search(table, vector, k, columns=["chunk_id"], snapshot=snapshot)
             .column("chunk_id")
@@ -55,7 +56,7 @@ def sample_recall(
 
 @dg.asset(
     key=COARSE_INDEX,
-    deps=[FASTEMBED_VECTORS],
+    deps=[asset_key(COARSE)],
     group_name="coarse_index",
     kinds={"lancedb"},
     owners=["team:data-platform"],
@@ -65,7 +66,7 @@ def sample_recall(
 def coarse_index(
     context: dg.AssetExecutionContext, lancedb: LanceDBResource
 ) -> dg.MaterializeResult:
-    """The IVF_HNSW_SQ (cosine) index over `vector_fastembed` that serves the top-100 coarse
+    """The IVF_HNSW_SQ (cosine) index over the coarse vectors that serves the top-100 coarse
     search. Built once the table has 10,000 vectors, rebuilt when over 20% of the vectors arrived
     after it was trained, otherwise refreshed incrementally; smaller tables are searched exactly."""
     with lancedb.get_connection() as db:
@@ -91,15 +92,15 @@ def coarse_index(
     description=f"ANN recall@10 vs exact search on {_PROBE_QUERIES} sampled queries is at least "
     f"{RECALL_THRESHOLD}.",
 )
-def coarse_recall(lancedb: LanceDBResource, fastembed: FastEmbedResource) -> dg.AssetCheckResult:
+def coarse_recall(lancedb: LanceDBResource, coarse_model: FastEmbedResource) -> dg.AssetCheckResult:
     with lancedb.get_connection() as db:
         recall, _ = on_latest_version(
-            lambda: lancedb.chunks_table(db), lambda table: sample_recall(table, fastembed)
+            lambda: lancedb.chunks_table(db), lambda table: sample_recall(table, coarse_model)
         )
     return dg.AssetCheckResult(
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"recall_at_10": recall, **fastembed.query_cache.stats()},
+        metadata={"recall_at_10": recall, **coarse_model.query_cache.stats()},
     )
 
 
@@ -108,7 +109,7 @@ CHUNK_TABLE_MAINTENANCE = dg.AssetKey(["lancedb", "chunk_table_maintenance"])
 
 @dg.asset(
     key=CHUNK_TABLE_MAINTENANCE,
-    deps=[COARSE_INDEX, ST_VECTORS],
+    deps=[COARSE_INDEX, asset_key(FINE)],
     group_name="coarse_index",
     kinds={"lancedb"},
     owners=["team:data-platform"],
@@ -194,7 +195,7 @@ def search_snapshot(
     f"at least {RECALL_THRESHOLD} (skipped when no snapshot serves the table's version).",
 )
 def search_snapshot_recall(
-    lancedb: LanceDBResource, fastembed: FastEmbedResource
+    lancedb: LanceDBResource, coarse_model: FastEmbedResource
 ) -> dg.AssetCheckResult:
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
@@ -204,7 +205,7 @@ def search_snapshot_recall(
                 passed=True,
                 metadata={"skipped": "the table changed since the snapshot; LanceDB serves"},
             )
-        recall = sample_recall(table, fastembed, snapshot=snapshot)
+        recall = sample_recall(table, coarse_model, snapshot=snapshot)
     return dg.AssetCheckResult(
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,

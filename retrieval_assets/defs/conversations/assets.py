@@ -8,9 +8,9 @@ from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
 from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.ingest import ingest_conversations, mirror_chunks, rebuild_chunks
 from retrieval_assets.lib.lancedb_store import LanceDBResource
-from retrieval_assets.lib.parsers import ConversationSourceResource, ParseReport, Problem
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.reporting import markdown_histogram, markdown_table
+from retrieval_assets.lib.sources import ConversationSourceResource, ParseReport, Problem
 
 CONVERSATIONS = dg.AssetKey(["postgres", "conversations"])
 POSTGRES_CHUNKS = dg.AssetKey(["postgres", "conversation_chunks"])
