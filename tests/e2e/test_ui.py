@@ -218,6 +218,16 @@ def check_runs(server: Server, key: str, name: str) -> set[str]:
     return {e["runId"] for e in found if e["status"] in ("SUCCEEDED", "FAILED")}
 
 
+BACKFILLS = """
+query { partitionBackfillsOrError { ... on PartitionBackfills { results { id status } } } }
+"""
+
+
+def backfill_statuses(server: Server) -> list[str]:
+    found = graphql(server, BACKFILLS, {})["data"]["partitionBackfillsOrError"]["results"]
+    return [b["status"] for b in found]
+
+
 def runs_in_progress(server: Server) -> int:
     return len(graphql(server, IN_PROGRESS, {})["data"]["runsOrError"]["results"])
 
@@ -258,20 +268,27 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     # The vector assets are partitioned by shard: the UI asks which partitions (all, by default)
     # and launches a backfill; their single-run policy makes each one run over every shard.
     page.get_by_role("button", name="Materialize all").click()
-    launch = page.get_by_role("button", name=re.compile(r"^Launch"))
-    launch.last.wait_for()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Partition selection").first.wait_for()
+    page.wait_for_load_state("networkidle")
+    dialog.get_by_role("button", name="All", exact=True).click()
+    dialog.get_by_text("16 partitions").first.wait_for()
+    launch = dialog.get_by_role("button", name="Launch backfill")
+    wait_for(launch.is_enabled, 60, "the Launch backfill button")
     shot(page, "01b-materialize-all-partitions")
-    launch.last.click()
+    launch.click()
 
-    def all_shards_done() -> bool:
-        stats = [partition_stats(server, key) for key in VECTOR_ASSETS]
-        failed = [key for key, s in zip(VECTOR_ASSETS, stats, strict=True) if s["numFailed"]]
-        assert not failed, f"shards failed: {failed}\n{server.log.read_text()[-3000:]}"
-        return all(s["numMaterialized"] == s["numPartitions"] == 16 for s in stats) and (
-            runs_in_progress(server) == 0
-        )
+    def backfill_done() -> list[str] | None:
+        statuses = backfill_statuses(server)
+        done = statuses and all(s not in ("REQUESTED", "CANCELING", "FAILING") for s in statuses)
+        return statuses if done and runs_in_progress(server) == 0 else None
 
-    wait_for(all_shards_done, 900, "every shard of every vector column", every=5)
+    statuses = wait_for(backfill_done, 900, "the Materialize all backfill to finish", every=5)
+    assert statuses == ["COMPLETED_SUCCESS"], (statuses, server.log.read_text()[-3000:])
+    for key in VECTOR_ASSETS:  # every shard of every column, as the UI counts them
+        stats = partition_stats(server, key)
+        assert stats["numMaterialized"] == stats["numPartitions"] == 16, (key, stats)
+        assert stats["numFailed"] == 0, (key, stats)
     page.goto(server.base + "/runs")
     page.get_by_text("Launched by").first.wait_for()
     page.wait_for_load_state("networkidle")
@@ -280,7 +297,8 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
 
     # Each column's completeness per shard, natively.
     open_page(page, server, "/assets/lancedb/coarse_vectors?view=partitions")
-    page.get_by_text(re.compile(r"16 partitions|16 total|16/16|of 16")).first.wait_for()
+    page.get_by_text("Partitions").first.wait_for()
+    page.wait_for_load_state("networkidle")
     shot(page, "02b-coarse-vectors-partitions")
     open_page(page, server, "/assets/lancedb/coarse_vectors?view=events")
     body = page.locator("body")
