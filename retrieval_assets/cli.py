@@ -165,8 +165,12 @@ def _summarize(result, started: float) -> None:
         f"\n{MAIN_JOB}: {'succeeded' if result.success else 'FAILED'} "
         f"in {time.monotonic() - started:.1f}s (run {result.run_id})"
     )
+    shown_keys = set()
     for event in result.get_asset_materialization_events():
         mat = event.materialization
+        if mat.asset_key in shown_keys:  # a vector column's other shards: the same figures
+            continue
+        shown_keys.add(mat.asset_key)
         meta = {k: v.value for k, v in mat.metadata.items() if not hasattr(v, "md_str")}
         shown = ", ".join(
             f"{k}={v}"

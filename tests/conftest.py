@@ -9,7 +9,7 @@ import pytest
 
 from retrieval_assets.defs.vectors.columns import ALL_SHARDS, column_definitions
 from retrieval_assets.lib.chunking import ChunkerResource
-from retrieval_assets.lib.columns import COARSE, FINE, TITAN
+from retrieval_assets.lib.columns import COARSE, FINE, LOCAL_MODELS_POOL, TITAN, VectorColumn
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded, stop_embedded
 from retrieval_assets.lib.schema import ensure_schema
@@ -23,11 +23,13 @@ def _processes_of(root: Path) -> list:
 
     me = psutil.Process()
     found = {p.pid: p for p in me.children(recursive=True)}
+    # This process and what started it (a `timeout` wrapper naming --basetemp) are not left over.
+    mine = {me.pid, *(p.pid for p in me.parents())}
     for process in psutil.process_iter(["pid", "cmdline", "environ"]):
         # the command line (a server's data directory), or the environment (a dagster dev whose
         # parent died: DAGSTER_HOME and RETRIEVAL_DATA_DIR point into the session)
         mentions = [*(process.info["cmdline"] or ()), *(process.info["environ"] or {}).values()]
-        if process.pid != me.pid and any(str(root) in m for m in mentions):
+        if process.pid not in mine and any(str(root) in m for m in mentions):
             found[process.pid] = process
     return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
@@ -42,6 +44,16 @@ coarse_checks, fine_checks, titan_checks = (
     next(iter(d.asset_checks or [])) for d in (COARSE_DEFS, FINE_DEFS, TITAN_DEFS)
 )
 __all__ = ["ALL_SHARDS"]
+# A throwaway column: declared, nothing else (filled by the coarse model).
+EXTRA = VectorColumn(
+    role="extra",
+    store="lancedb",
+    column="vector_extra",
+    model_resource="coarse_model",
+    pool=LOCAL_MODELS_POOL,
+    kinds=("lancedb", "onnx"),
+    description="A throwaway column: declared, nothing else.",
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

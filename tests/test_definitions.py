@@ -9,7 +9,8 @@ import dagster as dg
 from retrieval_assets.cli import instance_yaml
 from retrieval_assets.definitions import defs
 from retrieval_assets.defs.vectors.columns import column_definitions
-from retrieval_assets.lib.columns import LOCAL_MODELS_POOL, VectorColumn
+from retrieval_assets.lib.columns import LOCAL_MODELS_POOL
+from tests.conftest import EXTRA
 
 EXPECTED_ASSETS = {
     "postgres/conversations",
@@ -131,17 +132,6 @@ def test_steps_that_run_a_model_over_the_corpus_declare_their_pool():
         if node.name in expected
     }
     assert pools == expected
-
-
-EXTRA = VectorColumn(
-    role="extra",
-    store="lancedb",
-    column="vector_extra",
-    model_resource="coarse_model",
-    pool=LOCAL_MODELS_POOL,
-    kinds=("lancedb", "onnx"),
-    description="A throwaway column: declared, nothing else.",
-)
 
 
 def test_one_declaration_makes_a_columns_asset_backfill_sensor_and_checks():

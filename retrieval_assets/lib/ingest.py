@@ -305,3 +305,63 @@ def mirror_chunks(conn: psycopg.Connection, table: Any) -> MirrorResult:
     result.deleted = delete_ids(table, lance_ids - postgres_ids)
     result.rows = table.count_rows()
     return result
+
+
+# ------------------------------------------------------------------ what the stored rows look like
+
+
+@dataclass(frozen=True)
+class ConversationSummary:
+    conversations: int
+    turns: int
+    latest: list[tuple[Any, ...]]  # external id, user, format, turns, title of the newest 10
+
+
+def conversation_summary(conn: psycopg.Connection) -> ConversationSummary:
+    conversations, turns = one(
+        conn, "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
+    )
+    latest = conn.execute(
+        "SELECT external_id, user_id, source_format, turn_count, title FROM conversations "
+        "ORDER BY updated_at DESC NULLS LAST, id LIMIT 10"
+    ).fetchall()
+    return ConversationSummary(conversations, turns, latest)
+
+
+@dataclass(frozen=True)
+class ChunkSummary:
+    per_tier: list[tuple[Any, ...]]  # tier, chunks, mean, p50, p95, max tokens
+    histogram: list[tuple[int, int]]  # 32-token bucket (1-8, 9 = 256+), chunks
+    over_budget: int  # chunks holding more tokens than their tier allows
+    latest: list[tuple[Any, ...]]  # the newest 8 chunks, for a preview
+
+
+def chunk_summary(conn: psycopg.Connection, budgets: dict[str, int]) -> ChunkSummary:
+    per_tier = conn.execute(
+        "SELECT tier, count(*), avg(token_count)::float, "
+        "percentile_disc(0.5) WITHIN GROUP (ORDER BY token_count), "
+        "percentile_disc(0.95) WITHIN GROUP (ORDER BY token_count), max(token_count) "
+        "FROM conversation_chunks GROUP BY tier ORDER BY tier"
+    ).fetchall()
+    histogram = conn.execute(
+        "SELECT width_bucket(token_count, 0, 256, 8) AS b, count(*) FROM conversation_chunks "
+        "GROUP BY b ORDER BY b"
+    ).fetchall()
+    over_budget = sum(
+        one(
+            conn,
+            "SELECT count(*) FROM conversation_chunks WHERE tier = %s AND token_count > %s",
+            [tier, most],
+        )[0]
+        for tier, most in budgets.items()
+    )
+    latest = conn.execute(
+        "SELECT conversation_id, tier, turn_start || '-' || turn_end, "
+        "array_to_string(roles, ','), token_count, content FROM conversation_chunks "
+        "ORDER BY ingested_at DESC, chunk_id LIMIT 8"
+    ).fetchall()
+    return ChunkSummary(per_tier, histogram, over_budget, latest)
+
+
+def chunk_count(conn: psycopg.Connection) -> int:
+    return one(conn, "SELECT count(*) FROM conversation_chunks")[0]

@@ -220,3 +220,43 @@ def postgres_search(
         PostgresHit(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8], float(r[9]))
         for r in rows
     ]
+
+
+PROBE_QUERIES = 20  # chunk texts a recall check queries with
+
+
+def sample_recall(
+    table,
+    coarse_model: Any,
+    queries: int = PROBE_QUERIES,
+    k: int = 10,
+    snapshot: SearchSnapshot | None = None,
+) -> float:
+    """Recall@k of the ANN search (`snapshot`'s where given) against exact search, for chunk
+    texts used as queries."""
+    sample = (
+        table.search()
+        .where(f"{COARSE.column} IS NOT NULL")
+        .select(["content"])
+        .limit(queries)
+        .to_arrow()
+        .column("content")
+        .to_pylist()
+    )
+    if not sample:
+        return 1.0
+    found = []
+    for text in sample:
+        vector = coarse_model.embed_query(text[:500])
+        approx = set(
+            coarse_search(table, vector, k, columns=["chunk_id"], snapshot=snapshot)
+            .column("chunk_id")
+            .to_pylist()
+        )
+        exact = set(
+            coarse_search(table, vector, k, columns=["chunk_id"], exact=True)
+            .column("chunk_id")
+            .to_pylist()
+        )
+        found.append(len(approx & exact) / max(len(exact), 1))
+    return float(np.mean(found))

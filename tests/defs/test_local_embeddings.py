@@ -19,7 +19,7 @@ from retrieval_assets.defs.coarse_index.assets import (
 )
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.vectors.columns import column_definitions
-from retrieval_assets.lib.columns import COARSE, FINE, LOCAL_MODELS_POOL, VectorColumn
+from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
@@ -34,6 +34,7 @@ from retrieval_assets.lib.vectors import (
 )
 from tests.conftest import (
     ALL_SHARDS,
+    EXTRA,
     coarse_checks,
     coarse_vectors,
     fine_checks,
@@ -554,16 +555,7 @@ def test_a_declared_column_is_made_filled_and_checked_by_its_definitions(
 ):
     """Adding a column is one declaration: its asset makes and fills it with its model, and its
     checks run with it."""
-    extra = VectorColumn(
-        role="extra",
-        store="lancedb",
-        column="vector_extra",
-        model_resource="coarse_model",
-        pool=LOCAL_MODELS_POOL,
-        kinds=("lancedb", "onnx"),
-        description="A throwaway column, filled by the coarse model.",
-    )
-    made = column_definitions(extra)
+    made = column_definitions(EXTRA)
     result = dg.materialize(
         [conversations, conversation_chunks, *(made.assets or []), *(made.asset_checks or [])],
         resources=make_graph_resources(SAMPLE_DATA_DIR),

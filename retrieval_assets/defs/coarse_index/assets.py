@@ -1,57 +1,18 @@
 """The ANN index over the coarse (FastEmbed) vectors, kept in step with the table."""
 
 import dagster as dg
-import numpy as np
 
 from retrieval_assets.defs.vectors.columns import asset_key
 from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
-from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search
-from retrieval_assets.lib.search_snapshot import SearchSnapshot, build, current
+from retrieval_assets.lib.search import PROBE_QUERIES, RESULT_COLUMNS, sample_recall
+from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import ensure_coarse_index
 
 COARSE_INDEX = dg.AssetKey(["lancedb", "coarse_index"])
 RECALL_CHECK = "coarse_recall_at_10"
 RECALL_THRESHOLD = 0.9
-_PROBE_QUERIES = 20
-
-
-def sample_recall(
-    table,
-    coarse_model: FastEmbedResource,
-    queries: int = _PROBE_QUERIES,
-    k: int = 10,
-    snapshot: SearchSnapshot | None = None,
-) -> float:
-    """Recall@k of the ANN search (`snapshot`'s where given) against exact search, for chunk
-    texts used as queries."""
-    sample = (
-        table.search()
-        .where(f"{COARSE.column} IS NOT NULL")
-        .select(["content"])
-        .limit(queries)
-        .to_arrow()
-        .column("content")
-        .to_pylist()
-    )
-    if not sample:
-        return 1.0
-    found = []
-    for text in sample:
-        vector = coarse_model.embed_query(text[:500])
-        approx = set(
-            coarse_search(table, vector, k, columns=["chunk_id"], snapshot=snapshot)
-            .column("chunk_id")
-            .to_pylist()
-        )
-        exact = set(
-            coarse_search(table, vector, k, columns=["chunk_id"], exact=True)
-            .column("chunk_id")
-            .to_pylist()
-        )
-        found.append(len(approx & exact) / max(len(exact), 1))
-    return float(np.mean(found))
 
 
 @dg.asset(
@@ -89,7 +50,7 @@ def coarse_index(
 @dg.asset_check(
     asset=COARSE_INDEX,
     name=RECALL_CHECK,
-    description=f"ANN recall@10 vs exact search on {_PROBE_QUERIES} sampled queries is at least "
+    description=f"ANN recall@10 vs exact search on {PROBE_QUERIES} sampled queries is at least "
     f"{RECALL_THRESHOLD}.",
 )
 def coarse_recall(lancedb: LanceDBResource, coarse_model: FastEmbedResource) -> dg.AssetCheckResult:
@@ -191,7 +152,7 @@ def search_snapshot(
 @dg.asset_check(
     asset=SEARCH_SNAPSHOT,
     name=SNAPSHOT_RECALL_CHECK,
-    description=f"The snapshot's recall@10 vs exact search on {_PROBE_QUERIES} sampled queries is "
+    description=f"The snapshot's recall@10 vs exact search on {PROBE_QUERIES} sampled queries is "
     f"at least {RECALL_THRESHOLD} (skipped when no snapshot serves the table's version).",
 )
 def search_snapshot_recall(

@@ -5,8 +5,13 @@ from collections.abc import Iterator
 import dagster as dg
 
 from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
-from retrieval_assets.lib.connection import one
-from retrieval_assets.lib.ingest import ingest_conversations, mirror_chunks, rebuild_chunks
+from retrieval_assets.lib.ingest import (
+    chunk_summary,
+    conversation_summary,
+    ingest_conversations,
+    mirror_chunks,
+    rebuild_chunks,
+)
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.reporting import markdown_histogram, markdown_table
@@ -76,13 +81,7 @@ def conversations(
             propagate_deletions=lambda: report.complete and report.conversations > 0,
             held_back=lambda: report.held_back,
         )
-        total_conversations, total_turns = one(
-            conn, "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"
-        )
-        preview = conn.execute(
-            "SELECT external_id, user_id, source_format, turn_count, title FROM conversations "
-            "ORDER BY updated_at DESC NULLS LAST, id LIMIT 10"
-        ).fetchall()
+        stored = conversation_summary(conn)
     if report.conversations == 0 and (report.rejected or report.errors):
         raise dg.Failure(
             f"no conversation could be read from {conversation_source.path}",
@@ -136,11 +135,11 @@ def conversations(
             "unchanged": result.unchanged,
             "deleted": result.deleted,
             "deletions_propagated": not result.deletions_skipped,
-            "dagster/row_count": total_conversations,
-            "total_turns": total_turns,
+            "dagster/row_count": stored.conversations,
+            "total_turns": stored.turns,
             "problems": dg.MetadataValue.md(problems),
             "preview": dg.MetadataValue.md(
-                markdown_table(["id", "user", "format", "turns", "title"], preview)
+                markdown_table(["id", "user", "format", "turns", "title"], stored.latest)
             ),
         },
         check_results=[
@@ -217,34 +216,12 @@ def conversation_chunks(
             f"re-chunked {result.conversations} conversations: {result.chunks_inserted} chunks "
             f"added, {result.chunks_removed} removed"
         )
-        stats = conn.execute(
-            "SELECT tier, count(*), avg(token_count)::float, "
-            "percentile_disc(0.5) WITHIN GROUP (ORDER BY token_count), "
-            "percentile_disc(0.95) WITHIN GROUP (ORDER BY token_count), max(token_count) "
-            "FROM conversation_chunks GROUP BY tier ORDER BY tier"
-        ).fetchall()
-        histogram = conn.execute(
-            "SELECT width_bucket(token_count, 0, 256, 8) AS b, count(*) FROM conversation_chunks "
-            "GROUP BY b ORDER BY b"
-        ).fetchall()
-        over_budget = sum(
-            one(
-                conn,
-                "SELECT count(*) FROM conversation_chunks WHERE tier = %s AND token_count > %s",
-                [t.name, t.max_tokens],
-            )[0]
-            for t in tiers
-        )
-        preview = conn.execute(
-            "SELECT conversation_id, tier, turn_start || '-' || turn_end, "
-            "array_to_string(roles, ','), token_count, content FROM conversation_chunks "
-            "ORDER BY ingested_at DESC, chunk_id LIMIT 8"
-        ).fetchall()
+        summary = chunk_summary(conn, {t.name: t.max_tokens for t in tiers})
         with lancedb.get_connection() as db:
             mirrored = mirror_chunks(conn, lancedb.chunks_table(db))
-    total = sum(row[1] for row in stats)
+    total = sum(row[1] for row in summary.per_tier)
     token_meta: dict[str, float | int] = {}
-    for tier, count, mean, p50, p95, biggest in stats:
+    for tier, count, mean, p50, p95, biggest in summary.per_tier:
         token_meta |= {
             f"{tier}_chunks": count,
             f"{tier}_tokens_mean": round(mean, 1),
@@ -253,7 +230,8 @@ def conversation_chunks(
             f"{tier}_tokens_max": biggest,
         }
     buckets = [
-        (f"{(b - 1) * 32:>3}-{b * 32 - 1:<3}" if b <= 8 else "256+", n) for b, n in histogram
+        (f"{(b - 1) * 32:>3}-{b * 32 - 1:<3}" if b <= 8 else "256+", n)
+        for b, n in summary.histogram
     ]
     yield dg.MaterializeResult(
         asset_key=POSTGRES_CHUNKS,
@@ -267,7 +245,8 @@ def conversation_chunks(
             "token_length_distribution": dg.MetadataValue.md(markdown_histogram(buckets)),
             "preview": dg.MetadataValue.md(
                 markdown_table(
-                    ["conversation", "tier", "turns", "roles", "tokens", "content"], preview
+                    ["conversation", "tier", "turns", "roles", "tokens", "content"],
+                    summary.latest,
                 )
             ),
         },
@@ -275,8 +254,8 @@ def conversation_chunks(
     yield dg.AssetCheckResult(
         asset_key=POSTGRES_CHUNKS,
         check_name=TOKEN_BUDGET_CHECK,
-        passed=over_budget == 0,
-        metadata={"chunks_over_budget": over_budget},
+        passed=summary.over_budget == 0,
+        metadata={"chunks_over_budget": summary.over_budget},
     )
     yield dg.MaterializeResult(
         asset_key=LANCEDB_CHUNKS,

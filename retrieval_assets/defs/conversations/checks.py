@@ -3,7 +3,7 @@
 import dagster as dg
 
 from retrieval_assets.defs.conversations.assets import LANCEDB_CHUNKS
-from retrieval_assets.lib.connection import one
+from retrieval_assets.lib.ingest import chunk_count
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
 
@@ -17,7 +17,7 @@ CHUNK_COUNTS_AGREE = "chunk_counts_agree"
 )
 def chunk_counts_agree(postgres: PostgresResource, lancedb: LanceDBResource) -> dg.AssetCheckResult:
     with postgres.get_connection() as conn:
-        in_postgres = one(conn, "SELECT count(*) FROM conversation_chunks")[0]
+        in_postgres = chunk_count(conn)
     with lancedb.get_connection() as db:
         in_lancedb = lancedb.chunks_table(db).count_rows()
     return dg.AssetCheckResult(
