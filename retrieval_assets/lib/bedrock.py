@@ -62,6 +62,19 @@ class Embedding:
     truncated: bool
 
 
+class LocalFaults(dg.Config):
+    """What the local Bedrock endpoint does wrong on purpose, as Bedrock can: slow answers,
+    throttling, server errors, timeouts. Tests and the fault suite set them; nothing else does."""
+
+    latency_ms: float = Field(
+        default=0.0, description="Milliseconds to answer each call, its own work included."
+    )
+    throttle_rate: float = Field(default=0.0, description="Share of calls answered 429.")
+    error_rate: float = Field(default=0.0, description="Share of calls answered 5xx.")
+    timeout_rate: float = Field(default=0.0, description="Share of calls left unanswered.")
+    seed: int | None = Field(default=None, description="Seed of the draws (reproducible runs).")
+
+
 class BedrockResource(ResourceWithBoto3Configuration):
     """Amazon Bedrock Titan Text Embeddings v2, or the local endpoint that stands in for it."""
 
@@ -86,15 +99,9 @@ class BedrockResource(ResourceWithBoto3Configuration):
         default=DEFAULT_FASTEMBED_MODEL, description="Model behind the local endpoint's vectors."
     )
     data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Model exports live here.")
-    local_latency_ms: float = Field(
-        default=0.0,
-        description="Local endpoint: milliseconds to answer each call, its own work included.",
-    )
-    local_throttle_rate: float = Field(default=0.0, description="Local endpoint: 429 rate.")
-    local_error_rate: float = Field(default=0.0, description="Local endpoint: 5xx rate.")
-    local_timeout_rate: float = Field(default=0.0, description="Local endpoint: timeout rate.")
-    local_fault_seed: int | None = Field(
-        default=None, description="Local endpoint: seed of the fault draws (reproducible runs)."
+    local_faults: LocalFaults = Field(
+        default=LocalFaults(),
+        description="Local endpoint only: faults it injects (the fault suite's); none by default.",
     )
 
     _client: Any = PrivateAttr(default=None)
@@ -190,12 +197,12 @@ class BedrockResource(ResourceWithBoto3Configuration):
             lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids),
         )
         faults = Faults(
-            latency_ms=self.local_latency_ms,
-            throttle_rate=self.local_throttle_rate,
-            error_rate=self.local_error_rate,
-            timeout_rate=self.local_timeout_rate,
+            latency_ms=self.local_faults.latency_ms,
+            throttle_rate=self.local_faults.throttle_rate,
+            error_rate=self.local_faults.error_rate,
+            timeout_rate=self.local_faults.timeout_rate,
             timeout_seconds=self.read_timeout + 1,
-            seed=self.local_fault_seed,
+            seed=self.local_faults.seed,
         )
         return LocalBedrock(vectors, faults).start()
 

@@ -227,12 +227,12 @@ def test_lancedb_fill_picks_up_rows_inserted_while_it_runs(backlog, lance_uri, f
 KILLED_TITAN_RUN = textwrap.dedent(
     """
     import sys
-    from retrieval_assets.lib.bedrock import BedrockResource
+    from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
     from retrieval_assets.lib.postgres import connect
     from retrieval_assets.lib.titan import embed_pending, ensure_titan_model
 
-    bedrock = BedrockResource(use_local_endpoint=True, data_dir=sys.argv[2], local_latency_ms=40,
-                              max_concurrency=4)
+    bedrock = BedrockResource(use_local_endpoint=True, data_dir=sys.argv[2],
+                              local_faults=LocalFaults(latency_ms=40), max_concurrency=4)
     with connect(sys.argv[1], autocommit=True) as conn:
         ensure_titan_model(conn, bedrock.label, bedrock.dimensions)
         embed_pending(conn, bedrock, batch_size=16, progress=lambda m: print(m, flush=True))

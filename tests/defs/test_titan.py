@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.lib.bedrock import LocalFaults
 from retrieval_assets.lib.bedrock_emulator import projection
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
@@ -64,7 +65,7 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
 
 def test_injected_faults_lose_nothing(make_resources, make_bedrock, db):
     bedrock = make_bedrock(
-        local_throttle_rate=0.3, local_error_rate=0.1, max_attempts=12, local_fault_seed=3
+        local_faults=LocalFaults(throttle_rate=0.3, error_rate=0.1, seed=3), max_attempts=12
     )
     m = meta(run(make_resources(SAMPLE_DATA_DIR), bedrock))
     assert counts(db)[1] == 0 and m["rows_failed"] == 0
@@ -76,7 +77,7 @@ def test_failing_rows_stay_null_are_quarantined_and_can_be_replayed(
     make_resources, make_bedrock, db
 ):
     resources = make_resources(SAMPLE_DATA_DIR)
-    broken = make_bedrock(local_error_rate=1.0, max_attempts=1)
+    broken = make_bedrock(local_faults=LocalFaults(error_rate=1.0), max_attempts=1)
     first = meta(run(resources, broken))
     total = counts(db)[1]
     assert first["rows_failed"] == total and first["rows_embedded"] == 0

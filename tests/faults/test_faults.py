@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
 from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
@@ -108,11 +108,8 @@ def test_bedrock_throttling_5xx_and_timeouts(stores, model_dir):
     bedrock = BedrockResource(
         use_local_endpoint=True,
         data_dir=model_dir,
-        local_throttle_rate=0.3,
-        local_error_rate=0.1,
-        local_timeout_rate=0.02,
+        local_faults=LocalFaults(throttle_rate=0.3, error_rate=0.1, timeout_rate=0.02, seed=11),
         read_timeout=1,
-        local_fault_seed=11,
         max_attempts=8,
     )
     started, runs, attempts = time.monotonic(), 0, 0
@@ -157,7 +154,10 @@ def test_postgres_restarted_mid_backfill(stores, model_dir):
     url = stores["postgres"].database_url
     expected = chunk_ids(url)
     bedrock = BedrockResource(
-        use_local_endpoint=True, data_dir=model_dir, local_latency_ms=30, max_concurrency=4
+        use_local_endpoint=True,
+        data_dir=model_dir,
+        local_faults=LocalFaults(latency_ms=30),
+        max_concurrency=4,
     )
     started = time.monotonic()
     outcome: dict = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
 from retrieval_assets.lib.bedrock_emulator import Faults, LocalBedrock, TitanVectors, projection
 
 
@@ -55,12 +55,9 @@ def test_long_input_is_truncated_to_titan_limits_and_counted(make_bedrock):
 
 def test_throttling_server_errors_and_timeouts_are_retried_and_nothing_is_lost(make_bedrock):
     bedrock = make_bedrock(
-        local_throttle_rate=0.3,
-        local_error_rate=0.1,
-        local_timeout_rate=0.05,
         # Seeded: the first 60 draws (one per request) hold 12 throttles, 5 errors and 4
         # timeouts, so every kind occurs; unseeded, no timeout at all came up about 1 run in 200.
-        local_fault_seed=0,
+        local_faults=LocalFaults(throttle_rate=0.3, error_rate=0.1, timeout_rate=0.05, seed=0),
         read_timeout=2.0,
         max_attempts=10,
         max_concurrency=8,
@@ -77,7 +74,7 @@ def test_throttling_server_errors_and_timeouts_are_retried_and_nothing_is_lost(m
 
 
 def test_a_persistent_failure_is_reported_not_raised(make_bedrock):
-    result = make_bedrock(local_error_rate=1.0, max_attempts=3).embed("doomed")
+    result = make_bedrock(local_faults=LocalFaults(error_rate=1.0), max_attempts=3).embed("doomed")
     assert result.vector is None and result.attempts == 3
     assert "503" in result.error or "500" in result.error
 

@@ -1,0 +1,107 @@
+"""Exporting a sentence-transformers model (offline, from its local files) to ONNX, so FastEmbed
+can run it: once per model and data directory, in a child process (PyTorch stays out of the step
+process that asked for it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from retrieval_assets.lib.models import local_model_dir
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+    "vocab.txt",
+)
+
+
+def export_onnx(model: str, exports_dir: Path) -> Path:
+    """Export `model` (offline) to ONNX for FastEmbed, once; later calls reuse the export.
+
+    The export runs in a child process: it imports PyTorch and transformers and leaves about
+    0.5 GB of heap behind, which would otherwise stay in the calling (step) process for the rest
+    of its work.
+    """
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    target = exports_dir / slug(model)
+    if (target / "model.onnx").is_file():
+        return target
+    local_model_dir(model)  # a missing model fails here, with the error that says what to do
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # concurrent step processes export only once
+        if (target / "model.onnx").is_file():
+            return target
+        child = subprocess.run(
+            [sys.executable, "-m", "retrieval_assets.lib.onnx_export", model, str(exports_dir)],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0 or not (target / "model.onnx").is_file():
+            raise RuntimeError(
+                f"exporting {model} to ONNX in {exports_dir} failed (exit {child.returncode}): "
+                f"{child.stderr.strip()[-2000:]}"
+            )
+    return target
+
+
+def _export_onnx_here(model: str, exports_dir: Path) -> None:
+    """The export itself (export_onnx runs it in a child process, holding the export lock)."""
+    import torch
+    from transformers import AutoModel
+
+    target = exports_dir / slug(model)
+    source = local_model_dir(model)
+    partial = exports_dir / f".{slug(model)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    hf_model = AutoModel.from_pretrained(str(source), local_files_only=True).eval()
+
+    class KeywordCall(torch.nn.Module):
+        """Calls the model with keyword arguments: transformers 5 breaks positional calls."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = hf_model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+            ).last_hidden_state
+
+    ids = torch.ones(2, 8, dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    inputs = ("input_ids", "attention_mask", "token_type_ids")
+    torch.onnx.export(
+        KeywordCall(),
+        (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+        str(partial / "model.onnx"),
+        input_names=list(inputs),
+        output_names=["last_hidden_state"],
+        dynamic_axes={name: axes for name in (*inputs, "last_hidden_state")},
+        opset_version=17,
+        dynamo=False,
+    )
+    for name in _TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, partial / name)
+    partial.rename(target)  # appears complete or not at all
+
+
+def slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/"))
+
+
+if __name__ == "__main__":  # export_onnx's child process: MODEL EXPORTS_DIR
+    import sys
+
+    _export_onnx_here(sys.argv[1], Path(sys.argv[2]))
