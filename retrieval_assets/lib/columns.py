@@ -131,13 +131,6 @@ class ColumnNotMigrated(RuntimeError):
     over the whole column)."""
 
 
-class Embedder(Protocol):
-    """What a store needs of a model resource: its identity and its vectors."""
-
-    @property
-    def label(self) -> str: ...
-
-
 class ColumnStore(Protocol):
     """The verbs every store implements for its vector columns (lib/stores/)."""
 

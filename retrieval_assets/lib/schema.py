@@ -91,8 +91,9 @@ def ensure_schema(url: str, *, upgrade: bool, cfg=None) -> None:
         return
     raise SchemaNotReady(
         f"the database schema is at revision {current or '(none)'} but this code needs {head}. "
-        "Run `alembic upgrade head` with DATABASE_URL set (or `alembic upgrade head --sql` for "
-        "a script to paste into the Supabase SQL editor)."
+        "Run `retrieval-assets migrate` (or `alembic upgrade head` in a checkout) with "
+        "DATABASE_URL set, or `alembic upgrade head --sql` for a script to paste into the "
+        "Supabase SQL editor."
     )
 
 

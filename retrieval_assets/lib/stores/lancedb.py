@@ -15,13 +15,19 @@ import numpy as np
 from retrieval_assets.lib.columns import (
     Backlog,
     CheckOutcome,
-    CheckSpec,
     ColumnNotMigrated,
     VectorColumn,
     fingerprint,
 )
 from retrieval_assets.lib.lancedb_store import explain_write_errors, on_latest_version
 from retrieval_assets.lib.shards import lancedb_filter
+from retrieval_assets.lib.stores.checks import (
+    DIMS_MATCH,
+    NORM_SAMPLE,
+    SHARED_CHECKS,
+    null_backlog,
+    unit_norms,
+)
 from retrieval_assets.lib.vectors import (
     column_dims,
     ensure_vector_column,
@@ -31,44 +37,7 @@ from retrieval_assets.lib.vectors import (
     vector_norms,
 )
 
-NULL_BACKLOG = "null_backlog"
-DIMS_MATCH = "dims_match_declared"
-UNIT_NORMS = "unit_norms"
-NULL_BACKLOG_WARN_ROWS = 1_000  # past this, the backfill sensor is off or failing
-NORM_TOLERANCE = 1e-3
-NORM_SAMPLE = 1_000
-
-# The checks both stores share (the Postgres store adds its own).
-SHARED_CHECKS = (
-    CheckSpec(
-        NULL_BACKLOG,
-        f"Fewer than {NULL_BACKLOG_WARN_ROWS} chunks wait for a vector.",
-        warn=True,
-    ),
-    CheckSpec(
-        DIMS_MATCH,
-        "The column's stored size equals the dims recorded for its model.",
-    ),
-    CheckSpec(
-        UNIT_NORMS,
-        f"A sample of {NORM_SAMPLE} vectors has L2 norm 1 (± {NORM_TOLERANCE}).",
-    ),
-)
 _log = logging.getLogger(__name__)
-
-
-def null_backlog(nulls: int) -> CheckOutcome:
-    return CheckOutcome(
-        NULL_BACKLOG,
-        nulls < NULL_BACKLOG_WARN_ROWS,
-        {"null_rows": nulls, "warn_at": NULL_BACKLOG_WARN_ROWS},
-    )
-
-
-def unit_norms(sampled: int, worst: float) -> CheckOutcome:
-    return CheckOutcome(
-        UNIT_NORMS, worst <= NORM_TOLERANCE, {"sampled": sampled, "max_norm_deviation": worst}
-    )
 
 
 class LanceDBColumns:

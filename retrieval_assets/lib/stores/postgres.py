@@ -15,7 +15,7 @@ from typing import Any
 from retrieval_assets.lib.columns import Backlog, CheckOutcome, CheckSpec, VectorColumn, fingerprint
 from retrieval_assets.lib.connection import one
 from retrieval_assets.lib.schema import EMBEDDING_TYPE, embedding_dims
-from retrieval_assets.lib.stores.lancedb import (
+from retrieval_assets.lib.stores.checks import (
     DIMS_MATCH,
     NORM_SAMPLE,
     SHARED_CHECKS,
