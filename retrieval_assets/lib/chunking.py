@@ -176,7 +176,7 @@ def _exchanges(conversation: Conversation) -> list[_Exchange]:
     for group in groups:
         lines, starts, at = [], [], 0
         for i in group:
-            line = f"{conversation.turns[i].role}: {conversation.turns[i].content}"
+            line = f"{conversation.turns[i].speaker}: {conversation.turns[i].content}"
             starts.append(at)
             lines.append(line)
             at += len(line) + 1

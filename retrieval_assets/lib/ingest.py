@@ -198,7 +198,8 @@ def _conversation_from_row(row: tuple[Any, ...]) -> Conversation:
         source_format=source_format,
         origin=origin,
         turns=tuple(
-            Turn(t["role"], t["content"], parse_timestamp(t.get("created_at"))) for t in turns
+            Turn(t["role"], t["content"], parse_timestamp(t.get("created_at")), t.get("name"))
+            for t in turns
         ),
         created_at=created_at,
         updated_at=updated_at,

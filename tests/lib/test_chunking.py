@@ -138,3 +138,18 @@ def test_bad_tier_specs_are_rejected(spec):
 def test_signature_changes_with_settings(chunker):
     other = Chunker(chunker._tokenizer, parse_tiers("medium:48:4"), DEFAULT_ST_MODEL)
     assert other.signature != chunker.signature
+
+
+def test_chunks_name_their_speakers_where_the_export_does(chunker):
+    named = Conversation(
+        "c1",
+        "u1",
+        None,
+        "test",
+        "record 0",
+        (Turn("user", "the starter smells", None, "Caroline"), Turn("assistant", "feed it")),
+        None,
+        None,
+    )
+    medium = [c for c in chunker.chunk(named) if c.tier == "medium"]
+    assert medium[0].content == "Caroline: the starter smells\nassistant: feed it"

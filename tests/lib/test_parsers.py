@@ -310,3 +310,28 @@ def test_a_new_format_is_one_module_and_one_registry_line(tmp_path, monkeypatch)
         ("g1", "sharegpt"),
     }
     assert report.rejected_records == 0
+
+
+def test_jsonl_speaker_names_reach_the_turns_and_the_content_hash(tmp_path):
+    named = [
+        {"conversation_id": "a", "role": "user", "name": " Caroline ", "content": "hi Mel"},
+        {"conversation_id": "a", "role": "assistant", "name": "Melanie", "content": "hey"},
+        {"conversation_id": "b", "role": "user", "name": 42, "content": "no name"},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in named) + "\n")
+    conversations, report = read(path)
+    by_id = {c.id: c for c in conversations}
+    assert [(t.role, t.name, t.speaker) for t in by_id["a"].turns] == [
+        ("user", "Caroline", "Caroline"),
+        ("assistant", "Melanie", "Melanie"),
+    ]
+    assert by_id["a"].turns_json()[0]["name"] == "Caroline"
+    assert by_id["b"].turns[0].name is None and "name" not in by_id["b"].turns_json()[0]
+    # A name is part of what chunks derive from; a turn without one hashes as it always did.
+    unnamed = [{k: v for k, v in m.items() if k != "name"} for m in named]
+    path.write_text("\n".join(json.dumps(x) for x in unnamed) + "\n")
+    again = {c.id: c for c in read(path)[0]}
+    assert again["a"].content_hash != by_id["a"].content_hash
+    assert again["b"].content_hash == by_id["b"].content_hash
+    assert report.complete

@@ -46,7 +46,8 @@ KNOWN_ROLES = frozenset(
 
 
 MAX_ROLE_CHARS = 64
-RawTurn = tuple[Any, Any, Any]  # role, content, created_at as found in the record
+# role, content, created_at as found in the record, and the speaker's name where the format has one
+RawTurn = tuple[Any, ...]
 
 
 class BadRecord(ValueError):
@@ -66,6 +67,12 @@ class Turn:
     role: str
     content: str
     created_at: datetime | None = None
+    name: str | None = None  # the speaker's name ("Caroline") where the export records one
+
+    @property
+    def speaker(self) -> str:
+        """Who spoke, as chunks show it: the name where known, else the role."""
+        return self.name or self.role
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,11 @@ class Conversation:
     @property
     def content_hash(self) -> str:
         """Hash of everything the chunks derive from; unchanged hash means unchanged chunks."""
-        payload = [self.user_id, self.title, [[t.role, t.content] for t in self.turns]]
+        payload = [
+            self.user_id,
+            self.title,
+            [[t.role, t.content, *([t.name] if t.name else [])] for t in self.turns],
+        ]
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
     def turns_json(self) -> list[dict[str, Any]]:
@@ -94,6 +105,7 @@ class Conversation:
                 "role": t.role,
                 "content": t.content,
                 "created_at": t.created_at.isoformat() if t.created_at else None,
+                **({"name": t.name} if t.name else {}),
             }
             for t in self.turns
         ]
@@ -220,7 +232,7 @@ def build_conversation(
     conv_id = checked_id(meta.id, "id")
     user_id = checked_id(meta.user_id, "user id") if meta.user_id else default_user
     turns: list[Turn] = []
-    for i, (role, content, created) in enumerate(raw_turns):
+    for i, (role, content, created, *speaker_name) in enumerate(raw_turns):
         where = f"{origin}, message {i}"
         if not isinstance(role, str) or not role.strip():
             report.add(Problem("rejected", name, where, "message has no role; message skipped"))
@@ -269,7 +281,14 @@ def build_conversation(
                     f"unknown role {speaker[:40]!r} kept as the speaker's name",
                 )
             )
-        turns.append(Turn(speaker[:MAX_ROLE_CHARS], cleaned, parse_timestamp(created)))
+        turns.append(
+            Turn(
+                speaker[:MAX_ROLE_CHARS],
+                cleaned,
+                parse_timestamp(created),
+                _speaker_name(speaker_name[0] if speaker_name else None),
+            )
+        )
     if not turns:
         raise BadRecord(f"conversation {conv_id!r} has no non-empty messages")
     if len(turns) > limits.max_turns:
@@ -285,6 +304,14 @@ def build_conversation(
         created_at=meta.created_at or (min(stamps) if stamps else None),
         updated_at=meta.updated_at or (max(stamps) if stamps else None),
     )
+
+
+def _speaker_name(value: Any) -> str | None:
+    """A speaker's name as stored: text, cleaned, bounded; anything else is no name."""
+    if not isinstance(value, str):
+        return None
+    name = " ".join(_text(value).split())[:MAX_ROLE_CHARS]
+    return name or None
 
 
 def _clean(text: str) -> str:

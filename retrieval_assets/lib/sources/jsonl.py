@@ -1,5 +1,6 @@
 """JSONL with one message per line (`conversation_id`, `role`, `content`, optional `user_id`,
-`title`, `created_at`), in any order: a format of the whole file, chosen by its suffix.
+`title`, `created_at`, and `name`, the speaker's name as in OpenAI's message format), in any
+order: a format of the whole file, chosen by its suffix.
 
 Two passes: an index of byte offsets per conversation, then each conversation's lines, so
 interleaved messages still group correctly without holding the file."""
@@ -143,7 +144,9 @@ def _jsonl_conversation(
                     for p in content
                     if isinstance(p, dict) and isinstance(p.get("text"), str)
                 )
-            raw_turns.append((m.get("role"), content, m.get("created_at", m.get("timestamp"))))
+            raw_turns.append(
+                (m.get("role"), content, m.get("created_at", m.get("timestamp")), m.get("name"))
+            )
         conversation = build_conversation(
             NAME, meta, raw_turns, name, origin, default_user, limits, report
         )
