@@ -36,7 +36,10 @@ def _bedrock(data_dir: str) -> BedrockResource:
         "data_dir": data_dir,
     }
     if not any(is_set(name) for name in AWS_CREDENTIAL_VARIABLES):
-        return BedrockResource(use_local_endpoint=True, **common)
+        # The local endpoint stands in for Titan with the strongest local model, the fine one.
+        return BedrockResource(
+            use_local_endpoint=True, local_model=bind("ST_MODEL", DEFAULT_ST_MODEL), **common
+        )
     return BedrockResource(
         region_name=bind("AWS_REGION", "us-east-1"),
         aws_access_key_id=bind("AWS_ACCESS_KEY_ID", None),

@@ -33,7 +33,7 @@ from retrieval_assets.lib.bedrock_emulator import (
     LocalBedrock,
     TitanVectors,
 )
-from retrieval_assets.lib.models import DEFAULT_FASTEMBED_MODEL
+from retrieval_assets.lib.models import DEFAULT_ST_MODEL
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 from retrieval_assets.lib.schema import (
     DEFAULT_TITAN_DIMENSIONS,
@@ -96,7 +96,8 @@ class BedrockResource(ResourceWithBoto3Configuration):
         "are configured.",
     )
     local_model: str = Field(
-        default=DEFAULT_FASTEMBED_MODEL, description="Model behind the local endpoint's vectors."
+        default=DEFAULT_ST_MODEL,
+        description="Model behind the local endpoint's vectors (run as an ONNX export).",
     )
     data_dir: str = Field(default=str(DEFAULT_DATA_DIR), description="Model exports live here.")
     local_faults: LocalFaults = Field(

@@ -314,10 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     embed = None
     if not args.hash_vectors:
         from retrieval_assets.lib.embedders import FastEmbedResource
+        from retrieval_assets.lib.models import DEFAULT_ST_MODEL
         from retrieval_assets.lib.settings import data_dir
 
         # Its model export under RETRIEVAL_DATA_DIR, as every other process of the project.
-        embed = FastEmbedResource(data_dir=str(data_dir())).embed_documents
+        embed = FastEmbedResource(model=DEFAULT_ST_MODEL, data_dir=str(data_dir())).embed_documents
     endpoint = LocalBedrock(
         TitanVectors(embed),
         Faults(

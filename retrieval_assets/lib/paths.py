@@ -23,3 +23,7 @@ DEFAULT_DATA_DIR = (
     else Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     / "retrieval_assets"
 )
+# Models assembled from packages (a zip split over several) are shared by every data directory.
+MODEL_CACHE_DIR = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval_assets" / "models"
+)

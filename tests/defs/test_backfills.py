@@ -232,6 +232,7 @@ KILLED_TITAN_RUN = textwrap.dedent(
     from retrieval_assets.lib.titan import embed_pending, ensure_titan_model
 
     bedrock = BedrockResource(use_local_endpoint=True, data_dir=sys.argv[2],
+                              local_model="sentence-transformers/all-MiniLM-L6-v2",
                               local_faults=LocalFaults(latency_ms=40), max_concurrency=4)
     with connect(sys.argv[1], autocommit=True) as conn:
         ensure_titan_model(conn, bedrock.label, bedrock.dimensions)

@@ -21,6 +21,7 @@ from retrieval_assets.defs.conversations.assets import conversation_chunks, conv
 from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
 from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
+from retrieval_assets.lib.models import MINILM
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.sources import ConversationSourceResource
@@ -107,6 +108,7 @@ def test_bedrock_throttling_5xx_and_timeouts(stores, model_dir):
     expected = chunk_ids(stores["postgres"].database_url)
     bedrock = BedrockResource(
         use_local_endpoint=True,
+        local_model=MINILM,
         data_dir=model_dir,
         local_faults=LocalFaults(throttle_rate=0.3, error_rate=0.1, timeout_rate=0.02, seed=11),
         read_timeout=1,
@@ -155,6 +157,7 @@ def test_postgres_restarted_mid_backfill(stores, model_dir):
     expected = chunk_ids(url)
     bedrock = BedrockResource(
         use_local_endpoint=True,
+        local_model=MINILM,
         data_dir=model_dir,
         local_faults=LocalFaults(latency_ms=30),
         max_concurrency=4,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -116,6 +118,20 @@ def test_fine_queries_go_through_onnx_only_when_it_matches_pytorch(sentence_tran
     assert type(sentence_transformer._query_model).__name__ == "TextEmbedding"
     exact = sentence_transformer._encode([query])[0]
     assert float(np.dot(fast, exact)) > 0.9999
-    torch_only = SentenceTransformerResource(onnx_queries=False)
+    torch_only = SentenceTransformerResource(model=sentence_transformer.model, onnx_queries=False)
     assert float(np.dot(torch_only.embed_query(query, alongside=True), exact)) > 0.99999
     assert torch_only._query_model is False
+
+
+def test_a_model_split_over_packages_is_joined_once_and_a_missing_part_named(tmp_path):
+    from retrieval_assets.lib.models import SPLIT_MODELS, SplitModel, join_split_model
+
+    mpnet = SPLIT_MODELS["sentence-transformers/all-mpnet-base-v2"]
+    joined = join_split_model(mpnet, tmp_path)
+    assert (joined / "model.safetensors").stat().st_size > 400_000_000
+    assert json.loads((joined / "config.json").read_text())["hidden_size"] == 768
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work left behind
+    assert join_split_model(mpnet, tmp_path) == joined  # the second call finds it
+    missing = SplitModel("all-mpnet-base-v2", (*mpnet.parts[:4], "no-such-part-006"))
+    with pytest.raises(ModelNotAvailable, match=r"no-such-part-006.*pip install"):
+        join_split_model(missing, tmp_path / "other")
