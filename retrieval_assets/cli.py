@@ -2,8 +2,9 @@
 
 retrieval-assets run                        materialize every asset (embedded default unless set)
 retrieval-assets status                     counts per store and the NULL backlog
-retrieval-assets search "text"              coarse top-100 (FastEmbed), reranked (ST), in LanceDB
-retrieval-assets search --store postgres "text"   the Titan vectors through the match RPC
+retrieval-assets search "text"              hybrid (BM25 + dense, fused) search in LanceDB
+retrieval-assets search --mode dense "text"       coarse top-100 (FastEmbed), reranked (ST)
+retrieval-assets search --store postgres "text"   the same modes through Postgres' match RPCs
 retrieval-assets replay-quarantine          retry chunks quarantined after Titan failures
 retrieval-assets titan-dims 512             write (embedded default: apply) the migration
 retrieval-assets migrate                    bring the database's schema to head (alembic upgrade)
@@ -237,25 +238,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     from retrieval_assets.lib.search import postgres_search, search
     from retrieval_assets.lib.search_snapshot import current
 
+    hits: list[Any]
     if args.store == "postgres":
         with _resources("postgres", "titan_model") as resources:
             with resources.postgres.get_connection() as conn:
                 hits = postgres_search(
                     conn,
-                    resources.titan_model.embed_query(args.query),
+                    resources.titan_model,
+                    args.query,
                     k=args.k,
                     user=args.user,
                     tier=args.tier,
+                    mode=args.mode,
                 )
-        lines: list[tuple[float, str, Any]] = [
-            (h.score, f"titan: {h.embedding_model}", h) for h in hits
-        ]
     else:
         with (
             _resources("lancedb", "coarse_model", "fine_model") as resources,
             resources.lancedb.get_connection() as db,
         ):
-            found = search(
+            hits = search(
                 resources.lancedb.chunks_table(db),
                 resources.coarse_model,
                 resources.fine_model,
@@ -263,18 +264,23 @@ def cmd_search(args: argparse.Namespace) -> int:
                 k=args.k,
                 user=args.user,
                 snapshot=current(resources.lancedb.snapshot_root),
+                mode=args.mode,
             )
-        lines = [
-            (h.score, f"{'rerank' if h.reranked else 'coarse'}; coarse {h.coarse_score:.3f}", h)
-            for h in found
-        ]
-    if not lines:
+    if not hits:
         print("no results (has the graph been materialized?)")
         return 1
-    for rank, (score, how, hit) in enumerate(lines, 1):
+    for rank, hit in enumerate(hits, 1):
+        parts = [hit.how if hit.model is None else f"{hit.how}: {hit.model}"]
+        if hit.how == "hybrid":
+            parts += [
+                "dense " + ("-" if hit.dense is None else f"{hit.dense:.3f}"),
+                "lexical " + ("-" if hit.lexical is None else f"{hit.lexical:.2f}"),
+            ]
+        when = f"  {hit.created_at:%Y-%m-%d}" if hit.created_at else ""
         print(
-            f"{rank:>2}. {score:.3f} ({how})  {'/'.join(hit.roles)}  conversation "
-            f"{hit.conversation_id} turns {hit.turn_start}-{hit.turn_end}  user {hit.user_id}"
+            f"{rank:>2}. {hit.score:.3f} ({'; '.join(parts)})  {'/'.join(hit.roles)}  "
+            f"conversation {hit.conversation_id} turns {hit.turn_start}-{hit.turn_end}  "
+            f"user {hit.user_id}{when}"
         )
         text = " ".join(hit.content.split())
         print(f"    {text[:160]}{'…' if len(text) > 160 else ''}")
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the Dagster web UI and daemon (dagster dev; its options pass through)",
         add_help=False,  # -h is dagster dev's --host
     ).set_defaults(fn=cmd_ui)
-    find = sub.add_parser("search", help="two-stage search: coarse top-100, then rerank")
+    find = sub.add_parser("search", help="search the chunks: hybrid, dense or lexical")
     find.add_argument("query")
     find.add_argument("-k", type=int, default=5, help="results to show (default 5)")
     find.add_argument("--user", help="only this user's chunks")
@@ -366,8 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         "--store",
         choices=["lancedb", "postgres"],
         default="lancedb",
-        help="lancedb: FastEmbed top-100 reranked by sentence-transformers; "
-        "postgres: Titan vectors through match_conversation_chunks_by_tier",
+        help="lancedb: LanceDB's full-text index and FastEmbed top-100 reranked by "
+        "sentence-transformers; postgres: the match RPCs (BM25 over the tsvector column, Titan "
+        "vectors)",
+    )
+    find.add_argument(
+        "--mode",
+        choices=["hybrid", "dense", "lexical"],
+        default="hybrid",
+        help="hybrid (default): BM25 and dense fused; dense: vectors only; lexical: BM25 only",
     )
     find.add_argument("--tier", help="postgres only: one chunk tier")
     find.set_defaults(fn=cmd_search)

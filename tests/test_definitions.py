@@ -22,6 +22,8 @@ EXPECTED_ASSETS = {
     "postgres/titan_vectors",
     "lancedb/chunk_table_maintenance",
     "lancedb/search_snapshot",
+    "lancedb/lexical_index",
+    "postgres/lexical_index",
 }
 EXPECTED_RESOURCES = {
     "postgres",
@@ -168,7 +170,13 @@ def test_the_nightly_job_selects_every_standalone_check_by_rule():
     selected = set(job.asset_layer.asset_graph.asset_check_keys)
     assert selected == {key for d in standalone for key in d.check_keys}
     names = {k.name for k in selected}
-    assert {"search_snapshot_recall_at_10", "coarse_recall_at_10", "no_quarantined_rows"} <= names
+    assert {
+        "search_snapshot_recall_at_10",
+        "coarse_recall_at_10",
+        "no_quarantined_rows",
+        "retrieval_quality",
+        "lexical_index_covers_chunks",
+    } <= names
     assert selected < set(graph.asset_check_keys)  # the inline ones stay with their assets
     # It runs the checks' own steps and materializes nothing.
     assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in standalone}

@@ -74,7 +74,13 @@ def test_upgrade_downgrade_upgrade(fresh_url):
         ("postgres", "embedding"),
     ]
     assert seeded[2][2:] == ("amazon.titan-embed-text-v2:0", 1024)
-    assert functions == {"match_conversation_chunks", "match_conversation_chunks_by_tier"}
+    assert functions == {
+        "match_conversation_chunks",
+        "match_conversation_chunks_by_tier",
+        "match_conversation_chunks_lexical",
+        "match_conversation_chunks_hybrid",
+        "match_conversation_chunks_hybrid_by_tier",
+    }
 
     command.downgrade(cfg, "base")
     assert tables(fresh_url) == {"alembic_version"}
@@ -243,6 +249,9 @@ def test_changing_titan_dimensions_migrates_without_mixing_vectors(fresh_url, tm
 FROZEN_SQL = {
     "match_conversation_chunks_v1.sql": (
         "e2542d79029fe091db4862c33268ffeef026870d5f96b68bff4bb4f9ba76088a"
+    ),
+    "match_conversation_chunks_lexical_v1.sql": (
+        "3a55a8799bfa0fa7d169f752b89b5c72f54c5cce3a66fc489f84d07f90556ae5"
     ),
 }
 

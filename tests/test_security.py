@@ -68,16 +68,19 @@ def test_supabase_users_read_only_their_own_rows_even_through_match(supabase_lik
                     "INSERT INTO conversation_chunks (chunk_id, user_id, conversation_id, tier, "
                     "chunk_index, turn_start, turn_end, roles, content, content_hash, "
                     "token_count, embedding, embedding_model) VALUES (%s, %s, %s, 'medium', %s, "
-                    "0, 0, '{user}', 'text', 'h', 1, %s, 'm')",
+                    "0, 0, '{user}', %s, 'h', 1, %s, 'm')",
                     [
                         f"{user[:8]}{i:024x}",
                         user,
                         f"conv-{user}",
                         i,
+                        # each user's secret word: the lexicon must not reveal it to the other
+                        f"text about {'aardvarks' if user == bob else 'tulips'} number {i}",
                         vector / np.linalg.norm(vector),
                     ],
                 )
         assert conn.execute("SELECT count(*) FROM conversation_chunks").fetchone()[0] == 10
+        conn.execute("SELECT refresh_chunk_lexicon()")
     query = rng.normal(size=dims).astype(np.float32)
     with connect(supabase_like, autocommit=True) as conn:
         conn.execute("SET ROLE authenticated")
@@ -92,11 +95,28 @@ def test_supabase_users_read_only_their_own_rows_even_through_match(supabase_lik
             "SELECT count(*) FROM match_conversation_chunks(%s, -1, 100, %s)", [query, bob]
         ).fetchone()[0]
         assert asked_for_bob == 0
+        # Lexical and hybrid: only her rows, and the statistics tell nothing of Bob's words.
+        lexicon = conn.execute("SELECT DISTINCT user_id FROM chunk_lexicon").fetchall()
+        assert lexicon == [(alice,)]
+        assert not conn.execute("SELECT 1 FROM chunk_lexicon WHERE lexeme = 'aardvark'").fetchall()
+        for call, args in (
+            ("match_conversation_chunks_lexical(%s, 100, NULL)", ["aardvarks tulips"]),
+            ("match_conversation_chunks_hybrid(%s, %s, 100, NULL)", [query, "aardvarks tulips"]),
+            ("match_conversation_chunks_hybrid(%s, %s, 100, %s)", [query, "aardvarks", bob]),
+        ):
+            found = conn.execute(f"SELECT user_id FROM {call}", args).fetchall()
+            assert {u for (u,) in found} <= {alice}, call
+        lexical = conn.execute(
+            "SELECT count(*) FROM match_conversation_chunks_lexical('tulips', 100, NULL)"
+        ).fetchone()[0]
+        assert lexical == 5
         for statement in (
             "DELETE FROM conversation_chunks",
             "UPDATE conversation_chunks SET content = 'x'",
             "SELECT count(*) FROM embedding_failures",
             "SELECT count(*) FROM embedding_schema_versions",
+            "DELETE FROM chunk_lexicon",
+            "SELECT refresh_chunk_lexicon()",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

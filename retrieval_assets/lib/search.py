@@ -1,10 +1,23 @@
-"""Search: two-stage over LanceDB (coarse ANN over FastEmbed vectors, then a rerank by
-sentence-transformers vectors), or the Titan vectors in Postgres through the match RPCs."""
+"""Search, in three modes on both stores.
+
+- dense: in LanceDB two stages (coarse ANN over the FastEmbed vectors, a rerank by the
+  sentence-transformers vectors); in Postgres the Titan vectors through the match RPCs.
+- lexical: BM25 over chunk text (LanceDB's full-text index; in Postgres the tsvector column and
+  per-user statistics of match_conversation_chunks_lexical).
+- hybrid (the default): the best `HYBRID_CANDIDATES` of each, each list's scores standardised
+  (z-scores), fused with weight `LEXICAL_WEIGHT` on the lexical side; a chunk one list did not
+  return takes that list's lowest z-score. Postgres fuses the same way in SQL
+  (match_conversation_chunks_hybrid), so the two stores agree.
+
+The weight and depth were chosen by leave-one-conversation-out on the LoCoMo development split
+(tests/benchmarks/test_quality_bench.py prints the choice per fold).
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -21,6 +34,11 @@ DEFAULT_NPROBES = 4
 DEFAULT_EF = 150
 # A user filter matching at most this many vectors is searched exactly.
 EXACT_FILTER_ROWS = 20_000
+MODES = ("dense", "lexical", "hybrid")
+DEFAULT_MODE = "hybrid"
+LEXICAL_WEIGHT = 0.6
+HYBRID_CANDIDATES = 50
+TEXT_COLUMN = "content"
 RESULT_COLUMNS = [
     "chunk_id",
     "conversation_id",
@@ -36,16 +54,31 @@ RESULT_COLUMNS = [
 
 @dataclass(frozen=True)
 class Hit:
+    """One chunk found, in either store and any mode."""
+
     chunk_id: str
     conversation_id: str
     user_id: str
+    tier: str
     roles: tuple[str, ...]
     turn_start: int
     turn_end: int
     content: str
-    coarse_score: float
-    score: float  # the rerank score; the coarse score where the row has no fine vector yet
-    reranked: bool
+    created_at: datetime | None
+    score: float  # what the hits are ordered by: the mode's score
+    how: str  # "rerank", "coarse" (no fine vector yet), "titan", "lexical" or "hybrid"
+    dense: float | None = None  # cosine similarity in the dense ranking, where it found the chunk
+    lexical: float | None = None  # BM25, where the lexical ranking found the chunk
+    model: str | None = None  # the Titan model of a Postgres dense score
+
+    @property
+    def reranked(self) -> bool:
+        return self.how == "rerank"
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"search mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
 def coarse_search(
@@ -141,6 +174,36 @@ def search(
     query: str,
     k: int = 10,
     user: str | None = None,
+    *,
+    coarse_k: int = COARSE_TOP_K,
+    snapshot: SearchSnapshot | None = None,
+    mode: str = DEFAULT_MODE,
+    lexical_weight: float = LEXICAL_WEIGHT,
+) -> list[Hit]:
+    """The best `k` chunks of the LanceDB table for `query` (one user's where `user` is set), by
+    `mode`: dense (two stages), lexical (BM25) or hybrid (both, fused)."""
+    _check_mode(mode)
+    if mode == "dense":
+        return dense_search(
+            table, fastembed, sentence_transformer, query, k, user, coarse_k, snapshot
+        )
+    if mode == "lexical":
+        return lexical_search(table, query, k, user)
+    depth = max(k, HYBRID_CANDIDATES)
+    dense = dense_search(
+        table, fastembed, sentence_transformer, query, depth, user, max(coarse_k, depth), snapshot
+    )
+    lexical = lexical_search(table, query, depth, user)
+    return fuse(dense, lexical, k, lexical_weight)
+
+
+def dense_search(
+    table: Any,
+    fastembed: Any,
+    sentence_transformer: Any,
+    query: str,
+    k: int = 10,
+    user: str | None = None,
     coarse_k: int = COARSE_TOP_K,
     snapshot: SearchSnapshot | None = None,
 ) -> list[Hit]:
@@ -169,57 +232,161 @@ def search(
     best = np.lexsort((-score, ~reranked))[:k]  # reranked first, then by score
     rows = candidates.select(RESULT_COLUMNS).take(best).to_pylist()
     return [
-        Hit(
-            r["chunk_id"],
-            r["conversation_id"],
-            r["user_id"],
-            tuple(r["roles"]),
-            r["turn_start"],
-            r["turn_end"],
-            r["content"],
-            float(coarse[i]),
-            float(score[i]),
-            bool(reranked[i]),
-        )
+        _hit(r, float(score[i]), "rerank" if reranked[i] else "coarse", dense=float(score[i]))
         for i, r in zip(best, rows, strict=True)
     ]
 
 
-@dataclass(frozen=True)
-class PostgresHit:
-    chunk_id: str
-    conversation_id: str
-    user_id: str
-    tier: str
-    roles: tuple[str, ...]
-    turn_start: int
-    turn_end: int
-    content: str
-    embedding_model: str
-    score: float
+def lexical_search(table: Any, query: str, k: int = 10, user: str | None = None) -> list[Hit]:
+    """The best `k` chunks by BM25 over their text (LanceDB's full-text index; rows written
+    since the index last caught up are searched too). Nothing when the query has no words."""
+    if not any(ch.isalnum() for ch in query):
+        return []
+    request = table.search(query, query_type="fts", fts_columns=TEXT_COLUMN)
+    if user is not None:
+        request = request.where(f"user_id = {quote_literal(user)}", prefilter=True)
+    rows = request.select([*RESULT_COLUMNS, "_score"]).limit(k).to_arrow().to_pylist()
+    return [_hit(r, float(r["_score"]), "lexical", lexical=float(r["_score"])) for r in rows]
+
+
+def fuse(dense: list[Hit], lexical: list[Hit], k: int, lexical_weight: float) -> list[Hit]:
+    """The best `k` of two rankings by (1 - w) * z(dense) + w * z(lexical): z-scores within each
+    list (population standard deviation; 1 where it is 0), a chunk missing from a list taking
+    that list's lowest z-score. Ties go to the smaller chunk id, as in SQL."""
+    if not 0.0 <= lexical_weight <= 1.0:
+        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
+    dense_z = _z_scores({h.chunk_id: h.score for h in dense})
+    lexical_z = _z_scores({h.chunk_id: h.score for h in lexical})
+    dense_floor = min(dense_z.values(), default=0.0)
+    lexical_floor = min(lexical_z.values(), default=0.0)
+    by_id = {h.chunk_id: h for h in lexical} | {h.chunk_id: h for h in dense}
+    dense_of = {h.chunk_id: h.score for h in dense}
+    lexical_of = {h.chunk_id: h.score for h in lexical}
+    fused = {
+        c: (1 - lexical_weight) * dense_z.get(c, dense_floor)
+        + lexical_weight * lexical_z.get(c, lexical_floor)
+        for c in by_id
+    }
+    best = sorted(fused, key=lambda c: (-fused[c], c))[:k]
+    return [
+        replace(
+            by_id[c],
+            score=fused[c],
+            how="hybrid",
+            dense=dense_of.get(c),
+            lexical=lexical_of.get(c),
+        )
+        for c in best
+    ]
+
+
+def _z_scores(scores: dict[str, float]) -> dict[str, float]:
+    if not scores:
+        return {}
+    values = np.fromiter(scores.values(), dtype=np.float64, count=len(scores))
+    spread = float(values.std()) or 1.0
+    mean = float(values.mean())
+    return {c: (v - mean) / spread for c, v in scores.items()}
+
+
+def _hit(row: dict[str, Any], score: float, how: str, **scores: Any) -> Hit:
+    return Hit(
+        row["chunk_id"],
+        row["conversation_id"],
+        row["user_id"],
+        row["tier"],
+        tuple(row["roles"]),
+        row["turn_start"],
+        row["turn_end"],
+        row["content"],
+        row["created_at"],
+        score,
+        how,
+        **scores,
+    )
+
+
+_PG_COLUMNS = (
+    "chunk_id, conversation_id, user_id, tier, roles, turn_start, turn_end, content, created_at"
+)
 
 
 def postgres_search(
+    conn: Any,
+    titan_model: Any,
+    query: str,
+    k: int = 10,
+    user: str | None = None,
+    *,
+    tier: str | None = None,
+    mode: str = DEFAULT_MODE,
+    lexical_weight: float = LEXICAL_WEIGHT,
+) -> list[Hit]:
+    """The best `k` chunks in Postgres for `query` by `mode`, through the match RPCs a Supabase
+    client calls: dense (Titan vectors, HNSW), lexical (BM25 over the tsvector column) or hybrid
+    (both fused in SQL, the same fusion as the LanceDB side)."""
+    _check_mode(mode)
+    if mode == "lexical":
+        rows = conn.execute(
+            f"SELECT {_PG_COLUMNS}, score FROM match_conversation_chunks_lexical(%s, %s, %s, %s)",
+            [query, k, user, tier],
+        ).fetchall()
+        return [_pg_hit(r, "lexical", lexical=r[9]) for r in rows]
+    vector = titan_model.embed_query(query)
+    if mode == "dense":
+        return postgres_match(conn, vector, k, user, tier)
+    if not 0.0 <= lexical_weight <= 1.0:
+        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
+    rows = conn.execute(
+        f"SELECT {_PG_COLUMNS}, score, embedding_model, dense_similarity, lexical_score "
+        "FROM match_conversation_chunks_hybrid_by_tier(%s::vector, %s, %s, %s, %s, %s, %s)",
+        [
+            np.asarray(vector, dtype=np.float32),
+            query,
+            tier,
+            k,
+            user,
+            lexical_weight,
+            HYBRID_CANDIDATES,
+        ],
+    ).fetchall()
+    return [_pg_hit(r, "hybrid", model=r[10], dense=r[11], lexical=r[12]) for r in rows]
+
+
+def postgres_match(
     conn: Any,
     query_vector: np.ndarray,
     k: int = 10,
     user: str | None = None,
     tier: str | None = None,
     threshold: float = -1.0,
-) -> list[PostgresHit]:
+) -> list[Hit]:
     """`match_conversation_chunks_by_tier` over the Titan vectors (HNSW): the `k` nearest chunks
     with cosine similarity >= `threshold` (default -1: no threshold), optionally one user's and
     one tier's. Exactly `k` rows come back whenever `k` rows qualify."""
     rows = conn.execute(
-        "SELECT chunk_id, conversation_id, user_id, tier, roles, turn_start, turn_end, content, "
-        "embedding_model, similarity FROM match_conversation_chunks_by_tier("
-        "%s::vector, %s, %s, %s, %s)",
+        f"SELECT {_PG_COLUMNS}, similarity, embedding_model FROM "
+        "match_conversation_chunks_by_tier(%s::vector, %s, %s, %s, %s)",
         [np.asarray(query_vector, dtype=np.float32), tier, threshold, k, user],
     ).fetchall()
-    return [
-        PostgresHit(r[0], r[1], r[2], r[3], tuple(r[4]), r[5], r[6], r[7], r[8], float(r[9]))
-        for r in rows
-    ]
+    return [_pg_hit(r, "titan", dense=r[9], model=r[10]) for r in rows]
+
+
+def _pg_hit(row: tuple[Any, ...], how: str, **scores: Any) -> Hit:
+    return Hit(
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        tuple(row[4]),
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        float(row[9]),
+        how,
+        **scores,
+    )
 
 
 PROBE_QUERIES = 20  # chunk texts a recall check queries with

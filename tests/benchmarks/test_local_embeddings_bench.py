@@ -19,7 +19,7 @@ from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransforme
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, load_tokenizer, local_model_dir
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
-from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, search
+from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, dense_search
 from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import ensure_coarse_index
 from tests.benchmarks.corpus import (
@@ -236,13 +236,13 @@ def test_coarse_search_at_250k_rows(models, tmp_path):
 
     def two_stage(**kw) -> tuple[float, float]:
         for text in query_texts[:WARM_UP]:  # loads the query sessions
-            search(table, fastembed, sentence_transformer, text, k=10, **kw)
+            dense_search(table, fastembed, sentence_transformer, text, k=10, **kw)
         latencies = []
         for text in query_texts:
             fastembed.query_cache.clear()
             sentence_transformer.query_cache.clear()
             started = time.perf_counter()
-            search(table, fastembed, sentence_transformer, text, k=10, **kw)
+            dense_search(table, fastembed, sentence_transformer, text, k=10, **kw)
             latencies.append((time.perf_counter() - started) * 1000)
         return percentiles(latencies)
 

@@ -24,7 +24,7 @@ from retrieval_assets.lib.schema import (
     ensure_schema,
     hnsw_index_sql,
 )
-from retrieval_assets.lib.search import postgres_search
+from retrieval_assets.lib.search import postgres_match
 from retrieval_assets.lib.titan import _binary_copy, write_vectors
 from tests.benchmarks.corpus import (
     CACHE_DIR,
@@ -269,12 +269,12 @@ def test_match_at_250k_rows(bench_db, corpus):
         latencies, recalls, user_rows, user_ms = [], [], [], []
         for q, truth in zip(queries, exact, strict=True):
             started = time.perf_counter()
-            hits = postgres_search(conn, q, k=10)
+            hits = postgres_match(conn, q, k=10)
             latencies.append((time.perf_counter() - started) * 1000)
             recalls.append(len({int(h.chunk_id, 16) for h in hits} & truth) / 10)
         for n, q in enumerate(queries[:50]):
             started = time.perf_counter()
-            hits = postgres_search(conn, q, k=10, user=f"user-{n}")
+            hits = postgres_match(conn, q, k=10, user=f"user-{n}")
             user_ms.append((time.perf_counter() - started) * 1000)
             user_rows.append(len(hits))
     p50, p99 = percentiles(latencies)

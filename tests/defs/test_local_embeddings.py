@@ -24,7 +24,7 @@ from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, search
+from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, dense_search
 from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import (
     count_nulls,
@@ -311,7 +311,7 @@ def test_coarse_search_returns_exactly_min_k_rows(corpus, fastembed, indexed):
 def test_search_reranks_by_the_fine_vectors(corpus, fastembed, sentence_transformer):
     chunks, _ = corpus
     query = "read and write JSON documents"
-    hits = search(chunks, fastembed, sentence_transformer, query, k=10)
+    hits = dense_search(chunks, fastembed, sentence_transformer, query, k=10)
     assert len(hits) == 10 and all(h.reranked for h in hits)
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
@@ -336,9 +336,9 @@ def test_search_puts_rows_without_fine_vectors_after_reranked_ones(
         .to_arrow()
         .drop_columns([c for c in ("_distance",) if c in chunks.schema.names]),
     )
-    best = search(copy, fastembed, sentence_transformer, "JSON documents", k=1)[0]
+    best = dense_search(copy, fastembed, sentence_transformer, "JSON documents", k=1)[0]
     copy.update(where=f"chunk_id = '{best.chunk_id}'", values={FINE.column: None})
-    hits = search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
+    hits = dense_search(copy, fastembed, sentence_transformer, "JSON documents", k=100)
     assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
     assert all(h.reranked for h in hits[:-1])
 
@@ -373,8 +373,8 @@ def test_a_search_snapshot_answers_like_lancedb_for_its_table_version_only(
             assert {c: row[c] for c in RESULT_COLUMNS} == {c: expected[c] for c in RESULT_COLUMNS}
             assert row["_distance"] == pytest.approx(expected["_distance"], abs=2e-3)
 
-    fast = search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
-    slow = search(copy, fastembed, sentence_transformer, query, k=10)
+    fast = dense_search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
+    slow = dense_search(copy, fastembed, sentence_transformer, query, k=10)
     assert len({h.chunk_id for h in fast} & {h.chunk_id for h in slow}) >= 9
     assert fast[0].chunk_id == slow[0].chunk_id
     assert fast[0].score == pytest.approx(slow[0].score, abs=2e-3)  # f16 fine vectors
@@ -382,7 +382,7 @@ def test_a_search_snapshot_answers_like_lancedb_for_its_table_version_only(
     # Any write makes a new table version: the snapshot no longer answers, LanceDB does.
     copy.delete(f"chunk_id = '{fast[0].chunk_id}'")
     assert not snapshot.serves(copy)
-    after = search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
+    after = dense_search(copy, fastembed, sentence_transformer, query, k=10, snapshot=snapshot)
     assert fast[0].chunk_id not in {h.chunk_id for h in after} and len(after) == 10
     assert coarse_search(copy, vector, 5_000, snapshot=snapshot).num_rows == len(sentences) - 1
     # ... and a snapshot of another table never answers for this one.
@@ -396,12 +396,12 @@ def test_a_snapshot_keeps_rows_without_fine_vectors_after_reranked_ones(
     chunks, _ = corpus
     copy = copy_of(chunks, str(tmp_path / "lancedb"))
     query = "JSON documents"
-    best = search(copy, fastembed, sentence_transformer, query, k=1)[0]
+    best = dense_search(copy, fastembed, sentence_transformer, query, k=1)[0]
     copy.update(where=f"chunk_id = '{best.chunk_id}'", values={FINE.column: None})
     build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
     snapshot = current(tmp_path / "snapshot")
     assert snapshot.serves(copy) and int(np.sum(~np.asarray(snapshot.has_fine))) == 1
-    hits = search(copy, fastembed, sentence_transformer, query, k=100, snapshot=snapshot)
+    hits = dense_search(copy, fastembed, sentence_transformer, query, k=100, snapshot=snapshot)
     assert hits[-1].chunk_id == best.chunk_id and not hits[-1].reranked
     assert all(h.reranked for h in hits[:-1])
 

@@ -11,7 +11,7 @@ from retrieval_assets.lib.bedrock import LocalFaults
 from retrieval_assets.lib.bedrock_emulator import projection
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.search import postgres_search
+from retrieval_assets.lib.search import postgres_match
 from retrieval_assets.lib.titan import (
     TitanSchemaMismatch,
     VectorOutOfRange,
@@ -226,11 +226,11 @@ def test_match_returns_exactly_count_rows_with_and_without_a_user(
 ):
     q = query_vector(fastembed, "how do I parse command line arguments")
     with connect(pg_url) as conn:
-        everyone = postgres_search(conn, q, k=count)
-        one_user = postgres_search(conn, q, k=count, user="user-4")
-        rare = postgres_search(conn, q, k=count, user="rare-user")
+        everyone = postgres_match(conn, q, k=count)
+        one_user = postgres_match(conn, q, k=count, user="user-4")
+        rare = postgres_match(conn, q, k=count, user="rare-user")
         conn.execute("SET enable_indexscan = off")  # exact ordering to compare with
-        exact = postgres_search(conn, q, k=count)
+        exact = postgres_match(conn, q, k=count)
     assert len(everyone) == count
     assert len(one_user) == min(count, sum(1 for i in range(3, 1_700) if i % USERS == 4))
     assert {h.user_id for h in one_user} == {"user-4"}
@@ -239,7 +239,7 @@ def test_match_returns_exactly_count_rows_with_and_without_a_user(
     user4 = [i for i in range(3, 1_700) if i % USERS == 4]
     qualifying = int((vectors[user4] @ q >= 0.1).sum())
     with connect(pg_url) as conn:
-        above = postgres_search(conn, q, k=count, user="user-4", threshold=0.1)
+        above = postgres_match(conn, q, k=count, user="user-4", threshold=0.1)
     assert len(above) == min(count, qualifying)
     assert [h.score for h in everyone] == sorted((h.score for h in everyone), reverse=True)
     top = min(count, 10)
@@ -250,10 +250,10 @@ def test_match_returns_exactly_count_rows_with_and_without_a_user(
 def test_match_threshold_and_tier(pg_url, titan_corpus, fastembed):
     q = query_vector(fastembed, "read and write JSON documents")
     with connect(pg_url) as conn:
-        loose = postgres_search(conn, q, k=50, threshold=0.0)
-        strict = postgres_search(conn, q, k=50, threshold=loose[4].score)
-        micro = postgres_search(conn, q, k=50, tier="micro")
-        medium_of_user = postgres_search(conn, q, k=50, tier="medium", user="user-2")
+        loose = postgres_match(conn, q, k=50, threshold=0.0)
+        strict = postgres_match(conn, q, k=50, threshold=loose[4].score)
+        micro = postgres_match(conn, q, k=50, tier="micro")
+        medium_of_user = postgres_match(conn, q, k=50, tier="medium", user="user-2")
         by_rpc = conn.execute(
             "SELECT count(*) FROM match_conversation_chunks(%s::vector, 0.0, 25, NULL)", [q]
         ).fetchone()[0]
@@ -270,7 +270,7 @@ def test_hostile_user_values_are_data(pg_url, titan_corpus, fastembed, hostile):
     q = query_vector(fastembed, "anything")
     with connect(pg_url) as conn:
         try:
-            hits = postgres_search(conn, q, k=10, user=hostile)
+            hits = postgres_match(conn, q, k=10, user=hostile)
         except Exception as exc:  # NUL cannot be sent as text: refused, never executed
             assert "NUL" in str(exc) or "0x00" in str(exc)
             hits = []

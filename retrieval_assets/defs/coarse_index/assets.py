@@ -2,11 +2,21 @@
 
 import dagster as dg
 
+from retrieval_assets.defs.lexical.assets import LANCEDB_LEXICAL
 from retrieval_assets.defs.vectors.columns import asset_key
+from retrieval_assets.lib.bedrock import BedrockResource
+from retrieval_assets.lib.canary import PROBES, RECORDED_HIT_AT_5, canary_hit_at_5
 from retrieval_assets.lib.columns import COARSE, FINE
-from retrieval_assets.lib.embedders import FastEmbedResource
+from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
-from retrieval_assets.lib.search import PROBE_QUERIES, RESULT_COLUMNS, sample_recall
+from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.search import (
+    PROBE_QUERIES,
+    RESULT_COLUMNS,
+    postgres_search,
+    sample_recall,
+    search,
+)
 from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import ensure_coarse_index
 
@@ -17,7 +27,8 @@ RECALL_THRESHOLD = 0.9
 
 @dg.asset(
     key=COARSE_INDEX,
-    deps=[asset_key(COARSE)],
+    # After the full-text index: both commit index changes to the table, one at a time.
+    deps=[asset_key(COARSE), LANCEDB_LEXICAL],
     group_name="coarse_index",
     kinds={"lancedb"},
     owners=["team:data-platform"],
@@ -171,4 +182,48 @@ def search_snapshot_recall(
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"recall_at_10": recall, "table_version": snapshot.version},
+    )
+
+
+QUALITY_CHECK = "retrieval_quality"
+
+
+@dg.asset_check(
+    asset=SEARCH_SNAPSHOT,
+    name=QUALITY_CHECK,
+    description=f"Hybrid search answers the {len(PROBES)} labelled canary questions over the "
+    f"sample conversations in its top 5, in LanceDB and in Postgres, at least as often as "
+    f"recorded ({RECORDED_HIT_AT_5:.2f}); warns when a model or setting change degrades search. "
+    "Passes with nothing measured where the sample conversations are not stored.",
+)
+def retrieval_quality(
+    lancedb: LanceDBResource,
+    postgres: PostgresResource,
+    coarse_model: FastEmbedResource,
+    fine_model: SentenceTransformerResource,
+    titan_model: BedrockResource,
+) -> dg.AssetCheckResult:
+    with lancedb.get_connection() as db, postgres.get_connection() as conn:
+        table = lancedb.chunks_table(db)
+        snapshot = current(lancedb.snapshot_root)
+        found = {
+            "lancedb": canary_hit_at_5(
+                lambda text, user: search(
+                    table, coarse_model, fine_model, text, 5, user, snapshot=snapshot
+                )
+            ),
+            "postgres": canary_hit_at_5(
+                lambda text, user: postgres_search(conn, titan_model, text, 5, user)
+            ),
+        }
+    measured = {store: v for store, v in found.items() if v is not None}
+    return dg.AssetCheckResult(
+        passed=all(v >= RECORDED_HIT_AT_5 for v in measured.values()),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            **{f"{store}_hybrid_hit_at_5": v for store, v in measured.items()},
+            "recorded_hit_at_5": RECORDED_HIT_AT_5,
+            "probes": len(PROBES),
+            **({} if measured else {"skipped": "the sample conversations are not stored"}),
+        },
     )
