@@ -17,6 +17,15 @@ from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.sources import ConversationSourceResource
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's own runs (CLI subprocesses included) use MiniLM as the fine model: they test
+    behaviour, not quality, and it is 5x faster than the default all-mpnet-base-v2, which
+    tests/test_packaging.py runs end to end (and ./dev bench -k quality measures)."""
+    import os
+
+    os.environ.setdefault("ST_MODEL", MINILM)
+
+
 def _processes_of(root: Path) -> list:
     """Processes this session started (its descendants) or that work under its temp root (an
     embedded server detaches from whoever started it): any still running."""

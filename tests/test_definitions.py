@@ -8,6 +8,7 @@ import dagster as dg
 
 from retrieval_assets.cli import instance_yaml
 from retrieval_assets.definitions import defs
+from retrieval_assets.defs.automation.jobs import QUALITY_CHECK
 from retrieval_assets.defs.vectors.columns import column_definitions
 from retrieval_assets.lib.columns import LOCAL_MODELS_POOL
 from tests.conftest import EXTRA
@@ -178,5 +179,9 @@ def test_the_nightly_job_selects_every_standalone_check_by_rule():
         "lexical_index_covers_chunks",
     } <= names
     assert selected < set(graph.asset_check_keys)  # the inline ones stay with their assets
+    # The main job runs every check but the canary, which it names (a name that resolves).
+    main = loaded.resolve_job_def("retrieval_job").asset_layer.asset_graph.asset_check_keys
+    assert QUALITY_CHECK in graph.asset_check_keys and QUALITY_CHECK in selected
+    assert set(graph.asset_check_keys) - set(main) == {QUALITY_CHECK}
     # It runs the checks' own steps and materializes nothing.
     assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in standalone}

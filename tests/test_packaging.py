@@ -76,6 +76,7 @@ def test_the_wheel_runs_the_graph_outside_the_checkout(tmp_path):
         if not k.startswith(("DAGSTER_", "RETRIEVAL_", "DATABASE_", "LANCEDB_", "PYTHON"))
     }
     env |= {"HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
+    env.pop("ST_MODEL", None)  # the default fine model, joined from its packages into this HOME
     env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
 
     def cli(*args: str) -> subprocess.CompletedProcess:

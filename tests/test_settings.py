@@ -570,7 +570,7 @@ def test_production_search_in_lancedb(production: Deployment):
 
 @pytest.mark.slow
 def test_production_search_in_postgres_uses_titan(production: Deployment):
-    out = search(production, "--store", "postgres")
+    out = search(production, "--store", "postgres", "--mode", "dense")
     assert out.returncode == 0, output_of(out)
     found = hits(out.stdout)
     assert len(found) == 5, out.stdout
@@ -579,7 +579,13 @@ def test_production_search_in_postgres_uses_titan(production: Deployment):
     assert all(f"(titan: {TITAN_MODEL_ID})" in line for line, _ in found), out.stdout
     assert "local-bedrock-endpoint" not in out.stdout
     assert "fever" in found[0][1].lower(), out.stdout
-    assert_no_secret(out.stdout, out.stderr)
+    hybrid = search(production, "--store", "postgres")  # the default mode
+    assert hybrid.returncode == 0, output_of(hybrid)
+    fused = hits(hybrid.stdout)
+    assert len(fused) == 5 and all("(hybrid" in line for line, _ in fused), hybrid.stdout
+    assert all(TITAN_MODEL_ID in line for line, _ in fused if "dense -" not in line)
+    assert "fever" in fused[0][1].lower(), hybrid.stdout
+    assert_no_secret(out.stdout, out.stderr, hybrid.stdout, hybrid.stderr)
 
 
 @pytest.mark.slow
