@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.lancedb_store import quote_literal
+from retrieval_assets.lib.lexical import TEXT_COLUMN
 from retrieval_assets.lib.search_snapshot import SearchSnapshot, vector_matrix
 
 COARSE_TOP_K = 100
@@ -38,7 +39,6 @@ MODES = ("dense", "lexical", "hybrid")
 DEFAULT_MODE = "hybrid"
 LEXICAL_WEIGHT = 0.6
 HYBRID_CANDIDATES = 50
-TEXT_COLUMN = "content"
 RESULT_COLUMNS = [
     "chunk_id",
     "conversation_id",
@@ -79,6 +79,11 @@ class Hit:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"search mode {mode!r}: expected one of {', '.join(MODES)}")
+
+
+def _check_weight(lexical_weight: float) -> None:
+    if not 0.0 <= lexical_weight <= 1.0:
+        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
 
 
 def coarse_search(
@@ -253,8 +258,7 @@ def fuse(dense: list[Hit], lexical: list[Hit], k: int, lexical_weight: float) ->
     """The best `k` of two rankings by (1 - w) * z(dense) + w * z(lexical): z-scores within each
     list (population standard deviation; 1 where it is 0), a chunk missing from a list taking
     that list's lowest z-score. Ties go to the smaller chunk id, as in SQL."""
-    if not 0.0 <= lexical_weight <= 1.0:
-        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
+    _check_weight(lexical_weight)
     dense_z = _z_scores({h.chunk_id: h.score for h in dense})
     lexical_z = _z_scores({h.chunk_id: h.score for h in lexical})
     dense_floor = min(dense_z.values(), default=0.0)
@@ -327,17 +331,18 @@ def postgres_search(
     (both fused in SQL, the same fusion as the LanceDB side)."""
     _check_mode(mode)
     if mode == "lexical":
-        rows = conn.execute(
+        rows = _pg_rows(
+            conn,
             f"SELECT {_PG_COLUMNS}, score FROM match_conversation_chunks_lexical(%s, %s, %s, %s)",
             [query, k, user, tier],
-        ).fetchall()
-        return [_pg_hit(r, "lexical", lexical=r[9]) for r in rows]
+        )
+        return [_hit(r, r["score"], "lexical", lexical=r["score"]) for r in rows]
     vector = titan_model.embed_query(query)
     if mode == "dense":
         return postgres_match(conn, vector, k, user, tier)
-    if not 0.0 <= lexical_weight <= 1.0:
-        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
-    rows = conn.execute(
+    _check_weight(lexical_weight)
+    rows = _pg_rows(
+        conn,
         f"SELECT {_PG_COLUMNS}, score, embedding_model, dense_similarity, lexical_score "
         "FROM match_conversation_chunks_hybrid_by_tier(%s::vector, %s, %s, %s, %s, %s, %s)",
         [
@@ -349,8 +354,18 @@ def postgres_search(
             lexical_weight,
             HYBRID_CANDIDATES,
         ],
-    ).fetchall()
-    return [_pg_hit(r, "hybrid", model=r[10], dense=r[11], lexical=r[12]) for r in rows]
+    )
+    return [
+        _hit(
+            r,
+            r["score"],
+            "hybrid",
+            model=r["embedding_model"],
+            dense=r["dense_similarity"],
+            lexical=r["lexical_score"],
+        )
+        for r in rows
+    ]
 
 
 def postgres_match(
@@ -364,29 +379,24 @@ def postgres_match(
     """`match_conversation_chunks_by_tier` over the Titan vectors (HNSW): the `k` nearest chunks
     with cosine similarity >= `threshold` (default -1: no threshold), optionally one user's and
     one tier's. Exactly `k` rows come back whenever `k` rows qualify."""
-    rows = conn.execute(
+    rows = _pg_rows(
+        conn,
         f"SELECT {_PG_COLUMNS}, similarity, embedding_model FROM "
         "match_conversation_chunks_by_tier(%s::vector, %s, %s, %s, %s)",
         [np.asarray(query_vector, dtype=np.float32), tier, threshold, k, user],
-    ).fetchall()
-    return [_pg_hit(r, "titan", dense=r[9], model=r[10]) for r in rows]
-
-
-def _pg_hit(row: tuple[Any, ...], how: str, **scores: Any) -> Hit:
-    return Hit(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        tuple(row[4]),
-        row[5],
-        row[6],
-        row[7],
-        row[8],
-        float(row[9]),
-        how,
-        **scores,
     )
+    return [
+        _hit(r, r["similarity"], "titan", dense=r["similarity"], model=r["embedding_model"])
+        for r in rows
+    ]
+
+
+def _pg_rows(conn: Any, query: str, params: list[Any]) -> list[dict[str, Any]]:
+    """The rows of a match RPC by column name, as LanceDB's come (so `_hit` reads both)."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(query, params).fetchall()
 
 
 PROBE_QUERIES = 20  # chunk texts a recall check queries with
