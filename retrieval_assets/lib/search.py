@@ -106,14 +106,20 @@ def coarse_search(
     fewer than min(top_k, matching rows) the query is answered exactly instead. `exact=True`
     bypasses the index (the ground truth for recall).
 
-    A search snapshot (`snapshot`) of the table's current version answers instead when no user
-    filter is set and it holds every column asked for.
+    A search snapshot (`snapshot`) of the table's current version answers instead when it holds
+    every column asked for: its HNSW without `user`, and with `user` an exact scoring of that
+    user's rows (the same answer as LanceDB's exact filtered search, from memory).
     """
     wanted = columns or RESULT_COLUMNS
-    if snapshot is not None and user is None and not exact and set(wanted) <= snapshot.columns:
-        found = snapshot.top(query_vector, top_k) if snapshot.serves(table) else None
-        if found is not None:
-            return _snapshot_rows(snapshot, *found, wanted)
+    if snapshot is not None and not exact and set(wanted) <= snapshot.columns:
+        if snapshot.serves(table):
+            found = (
+                snapshot.top(query_vector, top_k)
+                if user is None
+                else snapshot.user_top(user, query_vector, top_k)
+            )
+            if found is not None:
+                return _snapshot_rows(snapshot, *found, wanted)
     where = None if user is None else f"user_id = {quote_literal(user)}"
     matching = None
     if where is not None and not exact:
@@ -156,7 +162,7 @@ def _snapshot_rows(
     return pa.table(out)
 
 
-_QUERY_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fine-query")
+_QUERY_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search-query")
 
 
 def fine_scores(column: pa.ChunkedArray | pa.Array, query: np.ndarray) -> np.ndarray:
@@ -195,11 +201,12 @@ def search(
     if mode == "lexical":
         return lexical_search(table, query, k, user)
     depth = max(k, HYBRID_CANDIDATES)
+    # The full-text query runs while the dense side embeds the query (both release the GIL).
+    lexical = _QUERY_POOL.submit(lexical_search, table, query, depth, user)
     dense = dense_search(
         table, fastembed, sentence_transformer, query, depth, user, max(coarse_k, depth), snapshot
     )
-    lexical = lexical_search(table, query, depth, user)
-    return fuse(dense, lexical, k, lexical_weight)
+    return fuse(dense, lexical.result(), k, lexical_weight)
 
 
 def dense_search(

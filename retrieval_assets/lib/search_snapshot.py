@@ -7,9 +7,14 @@ Why: every LanceDB query costs 4-6 ms at 250,000 rows whatever it asks, most of 
 From a memory-mapped HNSW the top 100 come in about 1 ms; their fine vectors and rows are array
 lookups in memory-mapped files (numpy, Arrow IPC).
 
+Per-user searches (the product's real query) are answered from it too: the rows are grouped by
+user (a permutation and each user's range in it), and a user's coarse vectors are scored exactly —
+a few hundred rows per user is one small matrix product, where LanceDB pays its per-query cost
+and a filtered scan.
+
 A snapshot describes exactly one version of one table. A search uses it only while the table it
-holds is at that version (any write — a fill, a backfill, compaction — makes a new one); otherwise,
-and for user-filtered searches, LanceDB's own index answers. Snapshots are written to a new
+holds is at that version (any write — a fill, a backfill, compaction — makes a new one); otherwise
+LanceDB's own index answers, with the same results. Snapshots are written to a new
 directory and published by replacing one pointer file, so readers never see half of one; the
 previous snapshot is removed once replaced (a reader holding it keeps its open file mappings).
 """
@@ -59,8 +64,9 @@ class BuildResult:
 
 class SearchSnapshot:
     """A published snapshot, memory-mapped: `top(vector, k)` gives positions and cosine scores,
-    `rows_at(positions, columns)` those rows' result columns; `fine` (f16 fine vectors) and
-    `has_fine` are arrays indexed by position; `rows` counts them."""
+    `user_top(user, vector, k)` the same among one user's rows (exact); `rows_at(positions,
+    columns)` those rows' result columns; `fine` (f16 fine vectors) and `has_fine` are arrays
+    indexed by position; `rows` counts them."""
 
     def __init__(self, path: Path) -> None:
         from usearch.index import Index
@@ -86,6 +92,10 @@ class SearchSnapshot:
         self.index = Index.restore(str(path / INDEX_FILE), view=True) if self.rows else None
         if self.index is not None:
             self.index.expansion_search = EXPANSION_SEARCH  # type: ignore[misc]  # stub: setter exists
+        self.coarse = np.load(path / "coarse.npy", mmap_mode="r")
+        self.by_user = np.load(path / "by_user.npy", mmap_mode="r")
+        self.user_ids = np.load(path / "user_ids.npy")  # sorted; user i's rows are
+        self.user_starts = np.load(path / "user_starts.npy")  # by_user[starts[i]:starts[i + 1]]
 
     def rows_at(self, positions: np.ndarray, columns: list[str]) -> pa.RecordBatch:
         """The result columns of the rows at `positions`, in that order. Taken batch by batch:
@@ -108,6 +118,25 @@ class SearchSnapshot:
             return np.full(len(keys), -1, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._sorted_keys, keys), self.rows - 1)
         return np.where(self._sorted_keys[at] == keys, self._key_order[at], -1)
+
+    def user_rows(self, user: str) -> np.ndarray:
+        """The positions of `user`'s rows (none for a user the snapshot does not hold)."""
+        at = int(np.searchsorted(self.user_ids, user))
+        if at == len(self.user_ids) or self.user_ids[at] != user:
+            return np.empty(0, dtype=np.int64)
+        return np.asarray(self.by_user[self.user_starts[at] : self.user_starts[at + 1]])
+
+    def user_top(self, user: str, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and cosine similarities of `user`'s `k` nearest coarse vectors, best first:
+        every one of the user's rows scored (exact, as LanceDB's filtered search is)."""
+        positions = self.user_rows(user)
+        coarse = self.coarse[positions].astype(np.float32)
+        scores = (coarse @ np.asarray(vector, np.float32)).astype(np.float64)
+        if k < len(positions):
+            best = np.argpartition(-scores, k - 1)[:k]
+            positions, scores = positions[best], scores[best]
+        order = np.argsort(-scores, kind="stable")
+        return positions[order], scores[order]
 
     def serves(self, table: Any) -> bool:
         """True while `table` is the table this snapshot was made from, at the same version."""
@@ -177,6 +206,8 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         keys = np.lib.format.open_memmap(path / "keys.npy", "w+", np.uint64, (rows,))
         fine = np.lib.format.open_memmap(path / "fine.npy", "w+", np.float16, (rows, fine_dims))
         has_fine = np.lib.format.open_memmap(path / "has_fine.npy", "w+", np.bool_, (rows,))
+        coarse_f16 = np.lib.format.open_memmap(path / "coarse.npy", "w+", np.float16, (rows, dims))
+        users: list[str] = []
         if previous is None:
             index = _new_index(dims)
             seen = np.zeros(0, dtype=np.bool_)
@@ -188,7 +219,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         reader = (
             table.search()
             .where(where)
-            .select([*columns, COARSE.column, FINE.column])
+            .select([*dict.fromkeys([*columns, "user_id"]), COARSE.column, FINE.column])
             .limit(None)
             .to_batches(READ_BATCH_ROWS)
         )
@@ -200,6 +231,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
                 raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
             batch_keys = chunk_keys(batch.column("chunk_id"))
             coarse = vector_matrix(batch.column(COARSE.column))
+            users.extend(batch.column("user_id").to_pylist())
             insert = np.ones(n, dtype=np.bool_)
             if previous is not None:
                 known = previous.positions_of(batch_keys)
@@ -217,6 +249,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
                 inserted += int(insert.sum())
             batch_fine = batch.column(FINE.column)
             keys[done : done + n] = batch_keys
+            coarse_f16[done : done + n] = coarse
             fine[done : done + n] = np.nan_to_num(vector_matrix(batch_fine))
             has_fine[done : done + n] = batch_fine.is_valid().to_numpy(zero_copy_only=False)
             writer.write_batch(batch.select(columns))
@@ -225,6 +258,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         if done != rows:
             raise RuntimeError(f"{table_uri(table)} changed while its snapshot was built")
         _check_unique(keys)
+        _write_user_ranges(path, users)
         tombstones = 0
         action = "built"
         if previous is not None:
@@ -235,7 +269,7 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
             action = "updated"
             if tombstones > REBUILD_FRACTION * max(rows, 1):
                 index, tombstones, action = _rebuilt(index, keys, dims), 0, "rebuilt"
-        for array in (keys, fine, has_fine):
+        for array in (keys, fine, has_fine, coarse_f16):
             array.flush()
         if rows:
             index.save(str(path / INDEX_FILE))
@@ -246,6 +280,17 @@ def _build(table: Any, root: Path, columns: list[str]) -> BuildResult:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return BuildResult(version, rows, time.monotonic() - started, path, action, inserted)
+
+
+def _write_user_ranges(path: Path, users: list[str]) -> None:
+    """The rows grouped by user: `by_user` (positions, user by user), the sorted `user_ids` and
+    where each user's positions start in `by_user`."""
+    names = np.asarray(users, dtype=str) if users else np.empty(0, dtype="<U1")
+    by_user = np.argsort(names, kind="stable")
+    user_ids, starts = np.unique(names[by_user], return_index=True)
+    np.save(path / "by_user.npy", by_user.astype(np.int64))
+    np.save(path / "user_ids.npy", user_ids)
+    np.save(path / "user_starts.npy", np.append(starts, len(names)).astype(np.int64))
 
 
 def _new_index(dims: int):

@@ -572,3 +572,69 @@ def test_a_declared_column_is_made_filled_and_checked_by_its_definitions(
         if e.asset_key.to_user_string() == "lancedb/extra_vectors"
     }
     assert checks == {"null_backlog": True, "dims_match_declared": True, "unit_norms": True}
+
+
+class _SnapshotOnly:
+    """The table's identity (uri, version) without its data: a search that reaches LanceDB
+    fails, so an answer proves the snapshot gave it."""
+
+    def __init__(self, table):
+        self.uri, self.version = table.uri, table.version
+
+    def search(self, *args, **kwargs):
+        raise AssertionError("LanceDB was queried although the snapshot serves this version")
+
+    def count_rows(self, *args, **kwargs):
+        raise AssertionError("LanceDB was queried although the snapshot serves this version")
+
+
+def test_a_snapshot_answers_per_user_searches_as_lancedb_does(
+    corpus, fastembed, sentence_transformer, tmp_path
+):
+    chunks, _ = corpus
+    copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
+    snapshot = current(tmp_path / "snapshot")
+    offline = _SnapshotOnly(copy)
+    users = sorted(
+        set(copy.search().select(["user_id"]).limit(None).to_arrow()["user_id"].to_pylist())
+    )
+    assert "rare-user" in users and len(users) == 11
+    for text in ("read and write JSON documents", "a thread pool runs tasks"):
+        vector = fastembed.embed_query(text)
+        for user in users:
+            served = coarse_search(offline, vector, 100, user, snapshot=snapshot).to_pylist()
+            exact = coarse_search(copy, vector, 100, user, exact=True).to_pylist()
+            assert {r["user_id"] for r in served} == {user}
+            # Every row of the user is scored: the same rows (f16 vectors: near-ties at the
+            # 100th place may swap), the same order at the top, the same columns.
+            assert len(served) == len(exact) == min(100, snapshot.user_rows(user).size)
+            assert len({r["chunk_id"] for r in served} & {r["chunk_id"] for r in exact}) >= (
+                len(exact) - 2
+            )
+            assert [r["chunk_id"] for r in served[:3]] == [r["chunk_id"] for r in exact[:3]]
+            by_id = {r["chunk_id"]: r for r in exact}
+            for row in served:
+                if row["chunk_id"] in by_id:
+                    assert row["_distance"] == pytest.approx(
+                        by_id[row["chunk_id"]]["_distance"], abs=2e-3
+                    )
+        fast = dense_search(
+            offline, fastembed, sentence_transformer, text, 10, "user-3", snapshot=snapshot
+        )
+        slow = dense_search(copy, fastembed, sentence_transformer, text, 10, "user-3")
+        assert [h.chunk_id for h in fast] == [h.chunk_id for h in slow]
+        assert all(h.user_id == "user-3" for h in fast)
+    # A user the snapshot does not hold has no rows, nor does a hostile name.
+    vector = fastembed.embed_query("JSON")
+    for stranger in ("nobody", "user-3' OR '1'='1", ""):
+        assert coarse_search(offline, vector, 10, stranger, snapshot=snapshot).num_rows == 0
+    # After a write the snapshot no longer serves: LanceDB answers, and sees the write.
+    gone = dense_search(
+        copy, fastembed, sentence_transformer, "JSON", 1, "user-3", snapshot=snapshot
+    )
+    copy.delete(f"chunk_id = '{gone[0].chunk_id}'")
+    after = dense_search(
+        copy, fastembed, sentence_transformer, "JSON", 10, "user-3", snapshot=snapshot
+    )
+    assert gone[0].chunk_id not in {h.chunk_id for h in after} and len(after) == 10
