@@ -2,6 +2,7 @@
 automation sensor and the nightly consistency check of every store."""
 
 import functools
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -20,6 +21,11 @@ def consistency_checks(loaded: dg.Definitions) -> dg.AssetSelection:
     ]
     return dg.AssetSelection.checks(*found)
 
+
+# Dagster's own defs-folder loader calls its preview functions; nothing to act on here.
+warnings.filterwarnings(
+    "ignore", message="Function `load_definitions_from_module", category=dg.PreviewWarning
+)
 
 # Each step process forks from a server that imported this module and built the definitions
 # once (the multiprocess executor's forkserver), instead of starting Python, importing dagster and

@@ -26,7 +26,7 @@ import pyarrow as pa
 from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.lancedb_store import quote_literal
 from retrieval_assets.lib.lexical import TEXT_COLUMN
-from retrieval_assets.lib.search_snapshot import SearchSnapshot, vector_matrix
+from retrieval_assets.lib.search_snapshot import SearchSnapshot, chunk_keys, vector_matrix
 
 COARSE_TOP_K = 100
 # IVF partitions probed per query (the index has one per million vectors) and the HNSW search
@@ -199,10 +199,10 @@ def search(
             table, fastembed, sentence_transformer, query, k, user, coarse_k, snapshot
         )
     if mode == "lexical":
-        return lexical_search(table, query, k, user)
+        return lexical_search(table, query, k, user, snapshot)
     depth = max(k, HYBRID_CANDIDATES)
     # The full-text query runs while the dense side embeds the query (both release the GIL).
-    lexical = _QUERY_POOL.submit(lexical_search, table, query, depth, user)
+    lexical = _QUERY_POOL.submit(lexical_search, table, query, depth, user, snapshot)
     dense = dense_search(
         table, fastembed, sentence_transformer, query, depth, user, max(coarse_k, depth), snapshot
     )
@@ -249,14 +249,34 @@ def dense_search(
     ]
 
 
-def lexical_search(table: Any, query: str, k: int = 10, user: str | None = None) -> list[Hit]:
+def lexical_search(
+    table: Any,
+    query: str,
+    k: int = 10,
+    user: str | None = None,
+    snapshot: SearchSnapshot | None = None,
+) -> list[Hit]:
     """The best `k` chunks by BM25 over their text (LanceDB's full-text index; rows written
-    since the index last caught up are searched too). Nothing when the query has no words."""
+    since the index last caught up are searched too). Nothing when the query has no words.
+
+    Where `snapshot` serves the table's version, LanceDB returns only the chunk ids and scores
+    and the rows come from the snapshot: reading a few columns of 50 rows is most of a LanceDB
+    full-text query's cost."""
     if not any(ch.isalnum() for ch in query):
         return []
     request = table.search(query, query_type="fts", fts_columns=TEXT_COLUMN)
     if user is not None:
         request = request.where(f"user_id = {quote_literal(user)}", prefilter=True)
+    if snapshot is not None and snapshot.serves(table):
+        found = request.select(["chunk_id"]).limit(k).to_arrow()
+        positions = snapshot.positions_of(chunk_keys(found.column("chunk_id")))
+        if (positions >= 0).all():  # else a chunk without a coarse vector: not in the snapshot
+            rows = snapshot.rows_at(positions, RESULT_COLUMNS).to_pylist()
+            scores = found.column("_score").to_pylist()
+            return [
+                _hit(r, float(s), "lexical", lexical=float(s))
+                for r, s in zip(rows, scores, strict=True)
+            ]
     rows = request.select([*RESULT_COLUMNS, "_score"]).limit(k).to_arrow().to_pylist()
     return [_hit(r, float(r["_score"]), "lexical", lexical=float(r["_score"])) for r in rows]
 

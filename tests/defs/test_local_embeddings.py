@@ -22,9 +22,16 @@ from retrieval_assets.defs.vectors.columns import column_definitions
 from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
+from retrieval_assets.lib.lexical import ensure_lancedb_index
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.search import RESULT_COLUMNS, coarse_search, dense_search
+from retrieval_assets.lib.search import (
+    RESULT_COLUMNS,
+    coarse_search,
+    dense_search,
+    lexical_search,
+    search,
+)
 from retrieval_assets.lib.search_snapshot import build, current
 from retrieval_assets.lib.vectors import (
     count_nulls,
@@ -593,6 +600,7 @@ def test_a_snapshot_answers_per_user_searches_as_lancedb_does(
 ):
     chunks, _ = corpus
     copy = copy_of(chunks, str(tmp_path / "lancedb"))
+    ensure_lancedb_index(copy)
     build(copy, tmp_path / "snapshot", RESULT_COLUMNS)
     snapshot = current(tmp_path / "snapshot")
     offline = _SnapshotOnly(copy)
@@ -625,6 +633,12 @@ def test_a_snapshot_answers_per_user_searches_as_lancedb_does(
         slow = dense_search(copy, fastembed, sentence_transformer, text, 10, "user-3")
         assert [h.chunk_id for h in fast] == [h.chunk_id for h in slow]
         assert all(h.user_id == "user-3" for h in fast)
+        # The full-text query reads only ids and scores; the rows come from the snapshot.
+        words = lexical_search(copy, text, 10, "user-3", snapshot)
+        assert words and words == lexical_search(copy, text, 10, "user-3")
+        both = search(copy, fastembed, sentence_transformer, text, 10, "user-3", snapshot=snapshot)
+        alone = search(copy, fastembed, sentence_transformer, text, 10, "user-3")
+        assert [h.chunk_id for h in both] == [h.chunk_id for h in alone]
     # A user the snapshot does not hold has no rows, nor does a hostile name.
     vector = fastembed.embed_query("JSON")
     for stranger in ("nobody", "user-3' OR '1'='1", ""):

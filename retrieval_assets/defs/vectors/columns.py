@@ -15,6 +15,7 @@ by another model is remade by one run over every shard, never by shards in paral
 """
 
 import json
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +27,11 @@ from retrieval_assets.lib.columns import VECTOR_COLUMNS, VectorColumn, fingerpri
 from retrieval_assets.lib.shards import SHARD_KEYS
 from retrieval_assets.lib.stores import STORES
 
+# A single-run backfill policy is what makes a UI backfill of every shard one run (see above): a
+# deliberate use of a beta parameter, said here once instead of by every process that loads it.
+warnings.filterwarnings(
+    "ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning, module="dagster"
+)
 SHARDS = dg.StaticPartitionsDefinition(list(SHARD_KEYS))
 # Tags of a run over every shard (what the main job and a model change need).
 ALL_SHARDS = {
