@@ -185,3 +185,15 @@ def test_the_nightly_job_selects_every_standalone_check_by_rule():
     assert set(graph.asset_check_keys) - set(main) == {QUALITY_CHECK}
     # It runs the checks' own steps and materializes nothing.
     assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in standalone}
+
+
+def test_every_asset_has_the_ingestion_freshness_policy_and_the_instance_evaluates_it():
+    import yaml
+
+    from retrieval_assets.defs.automation.schedules import INGESTION_FRESHNESS
+
+    graph = defs().resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).freshness_policy == INGESTION_FRESHNESS, key
+    assert INGESTION_FRESHNESS.warn_window.to_timedelta().total_seconds() == 3600
+    assert yaml.safe_load(instance_yaml())["freshness"] == {"enabled": True}

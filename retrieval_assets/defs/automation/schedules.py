@@ -5,12 +5,21 @@ index follow through their AutomationConditions once the automation sensor is on
 backlog sensors catch whatever that leaves NULL.
 """
 
+from datetime import timedelta
+
 import dagster as dg
 
 from retrieval_assets.defs.conversations.assets import (
     CONVERSATIONS,
     LANCEDB_CHUNKS,
     POSTGRES_CHUNKS,
+)
+
+# The freshness every asset is held to (definitions.py applies it to all): the whole graph follows
+# ingestion, so an asset not updated for 4 ingestion ticks warns, and one not updated for 6 hours
+# fails (the UI shows each asset's freshness; dagster.yaml enables the evaluation).
+INGESTION_FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=timedelta(hours=6), warn_window=timedelta(hours=1)
 )
 
 ingestion_job = dg.define_asset_job(
