@@ -34,6 +34,7 @@ class LexicalState:
             "action": self.action,
             "indexed_rows": self.indexed_rows,
             "unindexed_rows": self.unindexed_rows,
+            "dagster/row_count": self.indexed_rows + self.unindexed_rows,  # chunks it finds
             "seconds": round(self.seconds, 2),
         }
 

@@ -83,6 +83,15 @@ def backlog(conn: psycopg.Connection, shard: str | None = None) -> int:
     )[0]
 
 
+def embedded(conn: psycopg.Connection, shard: str | None = None) -> int:
+    """Rows holding a Titan vector, in `shard` if given."""
+    return one(
+        conn,
+        "SELECT count(*) FROM conversation_chunks WHERE embedding IS NOT NULL AND chunk_id LIKE %s",
+        [like_pattern(shard)],
+    )[0]
+
+
 def quarantined(conn: psycopg.Connection) -> int:
     return one(conn, "SELECT count(*) FROM embedding_failures WHERE quarantined_at IS NOT NULL")[0]
 

@@ -60,7 +60,9 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
         ).fetchone()
     assert models == {m["model"]} and m["model"].startswith("local-bedrock-endpoint:")
     assert norms == pytest.approx((1.0, 1.0), abs=1e-4)
-    assert meta(run(make_resources(SAMPLE_DATA_DIR), make_bedrock()))["rows_embedded"] == 0
+    again = meta(run(make_resources(SAMPLE_DATA_DIR), make_bedrock()))
+    assert again["rows_embedded"] == 0 and again["dagster/row_count"] == embedded
+    assert m["dagster/row_count"] == embedded
 
 
 def test_injected_faults_lose_nothing(make_resources, make_bedrock, db):

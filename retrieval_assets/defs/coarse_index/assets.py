@@ -53,6 +53,7 @@ def coarse_index(
             "index_type": "IVF_HNSW_SQ" if result.indexed_rows else "none (exact scan)",
             "indexed_rows": result.indexed_rows,
             "unindexed_rows": result.unindexed_rows,
+            "dagster/row_count": result.indexed_rows + result.unindexed_rows,  # vectors searched
             "seconds": round(result.seconds, 2),
         }
     )
@@ -95,12 +96,14 @@ def chunk_table_maintenance(
     files are compacted, new rows folded into the indices and versions older than the retention
     (LANCEDB_KEEP_VERSIONS_MINUTES) removed, so incremental runs do not pile up versions."""
     with lancedb.get_connection() as db:
-        result = maintain(lancedb.chunks_table(db), lancedb.keep_versions_minutes)
+        table = lancedb.chunks_table(db)
+        result = maintain(table, lancedb.keep_versions_minutes)
+        rows = table.count_rows()
     context.log.info(
         f"chunk table: {result['versions_before']} -> {result['versions_after']} versions, "
         f"{result['fragments_before']} -> {result['fragments_after']} fragments"
     )
-    return dg.MaterializeResult(metadata=result)
+    return dg.MaterializeResult(metadata={**result, "dagster/row_count": rows})
 
 
 SEARCH_SNAPSHOT = dg.AssetKey(["lancedb", "search_snapshot"])
@@ -150,7 +153,7 @@ def search_snapshot(
         metadata={
             "action": action,
             "table_version": published.version,
-            "rows": rows,
+            "dagster/row_count": rows,
             "graph_inserts": inserted,
             "graph_tombstones": published.tombstones,
             "seconds": round(seconds, 2),

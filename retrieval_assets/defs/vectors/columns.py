@@ -48,7 +48,14 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.STARTED,
 ]
 # Figures that add up over the shards of a run that fills several one by one.
-_ADDITIVE = ("rows_embedded", "rows_skipped", "rows_failed", "tokens_embedded", "seconds")
+_ADDITIVE = (
+    "rows_embedded",
+    "rows_skipped",
+    "rows_failed",
+    "tokens_embedded",
+    "seconds",
+    "dagster/row_count",
+)
 
 
 def asset_key(column: VectorColumn) -> dg.AssetKey:

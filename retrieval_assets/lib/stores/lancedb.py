@@ -169,6 +169,7 @@ class LanceDBColumns:
             else 0.0,
             "seconds": round(result.seconds, 2),
             "nulls_remaining": result.remaining,
+            "dagster/row_count": result.skipped + result.embedded,  # rows with a vector
         }
 
     def check(self, column: VectorColumn, embedder: Any) -> list[CheckOutcome]:

@@ -30,6 +30,7 @@ from retrieval_assets.lib.titan import (
     check_dimensions,
     drop_hnsw,
     embed_pending,
+    embedded,
     ensure_titan_model,
     quarantined,
 )
@@ -139,6 +140,7 @@ class PostgresColumns:
                     build_seconds = time.monotonic() - build_started
                     log.info(f"HNSW index rebuilt in {build_seconds:.1f}s")
             remaining, in_quarantine = backlog(conn, shard), quarantined(conn)
+            stored = embedded(conn, shard)
         seconds = time.monotonic() - started
         log.info(
             f"{stats.embedded} chunks embedded by {source} in {seconds:.1f}s; "
@@ -162,6 +164,7 @@ class PostgresColumns:
             "tokens_embedded": stats.tokens,
             "tokens_per_second": round(stats.tokens / seconds, 1) if seconds else 0.0,
             "nulls_remaining": remaining,
+            "dagster/row_count": stored,  # rows with a vector (in the shard)
             "bulk_load": bulk,
             "hnsw_build_seconds": round(build_seconds, 1),
             **{f"local_endpoint_{k}": v for k, v in embedder.endpoint_counts().items()},
