@@ -268,7 +268,7 @@ def lexical_search(
     if user is not None:
         request = request.where(f"user_id = {quote_literal(user)}", prefilter=True)
     if snapshot is not None and snapshot.serves(table):
-        found = request.select(["chunk_id"]).limit(k).to_arrow()
+        found = request.select(["chunk_id", "_score"]).limit(k).to_arrow()
         positions = snapshot.positions_of(chunk_keys(found.column("chunk_id")))
         if (positions >= 0).all():  # else a chunk without a coarse vector: not in the snapshot
             rows = snapshot.rows_at(positions, RESULT_COLUMNS).to_pylist()

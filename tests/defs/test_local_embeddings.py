@@ -602,7 +602,7 @@ class _SnapshotOnly:
 
 
 def test_a_snapshot_answers_per_user_searches_as_lancedb_does(
-    corpus, fastembed, sentence_transformer, tmp_path
+    corpus, fastembed, sentence_transformer, tmp_path, capfd
 ):
     chunks, _ = corpus
     copy = copy_of(chunks, str(tmp_path / "lancedb"))
@@ -640,7 +640,9 @@ def test_a_snapshot_answers_per_user_searches_as_lancedb_does(
         assert [h.chunk_id for h in fast] == [h.chunk_id for h in slow]
         assert all(h.user_id == "user-3" for h in fast)
         # The full-text query reads only ids and scores; the rows come from the snapshot.
+        capfd.readouterr()
         words = lexical_search(copy, text, 10, "user-3", snapshot)
+        assert "warn" not in capfd.readouterr().err.lower()  # LanceDB logs to the process's stderr
         assert words and words == lexical_search(copy, text, 10, "user-3")
         both = search(copy, fastembed, sentence_transformer, text, 10, "user-3", snapshot=snapshot)
         alone = search(copy, fastembed, sentence_transformer, text, 10, "user-3")
