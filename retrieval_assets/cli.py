@@ -63,16 +63,38 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _ensure_dagster_home()
     dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
     workspace = str(INSTANCE_DIR / "workspace.yaml")
-    # In a session of its own, so a Ctrl-C or a SIGTERM to this group reaches it once, from here.
-    child = subprocess.Popen(
-        [dagster, "dev", "-w", workspace, *args.dagster_args], start_new_session=True
-    )
+    started: list[subprocess.Popen] = []
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)  # dagster dev shuts its own processes down, then we return
+        for child in started:  # dagster dev shuts its own processes down, then we return
+            child.send_signal(signum)
 
+    # Handled before the child starts: a handled signal is reset to the default in the child,
+    # but an ignored one stays ignored (as SIGINT is for a command started in the background by
+    # a script), and dagster dev, finding SIGINT ignored, ignores SIGTERM too: nothing stops it.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    child = subprocess.Popen(
+        [dagster, "dev", "-w", workspace, *args.dagster_args],
+        # In a session of its own, so a Ctrl-C or a SIGTERM to this group reaches it once, from
+        # here; in the instance's folder, which holds the dagster.yaml it uses (dagster dev warns
+        # about the project's template in any other folder).
+        start_new_session=True,
+        cwd=os.environ["DAGSTER_HOME"],
+        # `dagster dev` says it is superseded by `dg dev` (dagster-dg-cli, not installed here).
+        env={
+            **os.environ,
+            "PYTHONWARNINGS": ",".join(
+                w
+                for w in (
+                    os.environ.get("PYTHONWARNINGS"),
+                    "ignore:Function `dev_command` is superseded",
+                )
+                if w
+            ),
+        },
+    )
+    started.append(child)
     code = child.wait()
     # A run worker or a sensor's code server can outlive dagster dev; left alone it would reach
     # for the embedded server after this command stopped it, and start it again. Nothing of the

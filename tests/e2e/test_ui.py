@@ -55,7 +55,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
 
 
 class Server:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sigint_ignored: bool = False) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.data_dir = root / "data"
@@ -73,6 +73,10 @@ class Server:
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its run workers too, so teardown stops them all
+            # As a script's background job starts it: with SIGINT ignored.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if sigint_ignored
+            else None,
         )
         wait_for(self.up, 180, f"the web UI on {self.base} (log: {self.log})")
 
@@ -398,3 +402,33 @@ def test_graphql_client_launches_a_run_and_reads_its_status(server):
     assert status == "SUCCESS"
     with pytest.raises(DagsterGraphQLClientError):
         client.submit_job_execution("no_such_job")
+
+
+def test_ctrl_c_stops_the_ui_and_the_embedded_server_even_when_started_in_the_background(
+    tmp_path,
+):
+    """A command started in the background by a script inherits SIGINT ignored; dagster dev
+    then ignores SIGTERM too unless `retrieval-assets ui` gives it the default handlers."""
+    import psutil
+
+    from retrieval_assets.lib.postgres import _running_url
+
+    ui = Server(tmp_path, sigint_ignored=True)
+    try:
+        os.killpg(ui.process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+        ui.process.wait(timeout=120)
+        left = [p for p in psutil.process_iter() if _session_of(p) == ui.process.pid]
+        assert not left, [p.cmdline() for p in left]
+        assert _running_url(ui.data_dir / "pg") is None  # the embedded PostgreSQL stopped too
+        log = ui.log.read_text()
+        for noise in ("dagster.yaml", "SupersessionWarning", "BetaWarning", "PreviewWarning"):
+            assert noise not in log, (noise, log[-3000:])
+    finally:
+        ui.stop()
+
+
+def _session_of(process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
