@@ -33,7 +33,7 @@ warnings.filterwarnings(
 
 # Each step process forks from a server that imported this module and built the definitions
 # once (the multiprocess executor's forkserver), instead of starting Python, importing dagster and
-# building them again: about 2.5 s per step here, and a run has some twenty steps.
+# building them again for each of a run's steps (README: the step start).
 EXECUTOR = dg.multiprocess_executor.configured(
     {
         "max_concurrent": 2,  # two cores here: one step per core; raise it on bigger machines

@@ -97,12 +97,19 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
         assert m["rows_embedded"] == rows and m["nulls_remaining"] == 0 and m["dims"] == 384
         assert m["column_action"] == "created"
         assert count_nulls(table(lance_uri), column) == 0
-    # Every table-like asset says how many rows it holds (the UI's row count): each LanceDB
-    # asset here covers every chunk.
+    # Every table-like asset says how many rows it holds and which columns (the UI's row count
+    # and column schema): each LanceDB asset here covers every chunk.
     for event in result.get_asset_materialization_events():
         key = event.asset_key.to_user_string()
         count = event.materialization.metadata["dagster/row_count"].value
         assert count > 0 and (count == rows or not key.startswith("lancedb/")), (key, count)
+        schema = event.materialization.metadata["dagster/column_schema"].value
+        types = {c.name: c.type for c in schema.columns}
+        assert "chunk_id" in types or key == "postgres/conversations", (key, types)
+    for key, column in (("lancedb/coarse_vectors", COARSE), ("lancedb/fine_vectors", FINE)):
+        schema = meta(result, key)["dagster/column_schema"]
+        assert [c.name for c in schema.columns] == ["chunk_id", column.column]
+        assert schema.columns[1].type.endswith("[384]") and schema.columns[1].constraints.nullable
     snapshot = meta(result, "lancedb/search_snapshot")
     assert snapshot["action"] == "built" and snapshot["dagster/row_count"] == rows
     assert snapshot["table_version"] == table(lance_uri).version

@@ -63,6 +63,13 @@ def test_every_chunk_gets_a_labelled_titan_vector(make_resources, make_bedrock, 
     again = meta(run(make_resources(SAMPLE_DATA_DIR), make_bedrock()))
     assert again["rows_embedded"] == 0 and again["dagster/row_count"] == embedded
     assert m["dagster/row_count"] == embedded
+    types = {c.name: c.type for c in m["dagster/column_schema"].columns}
+    assert types["embedding"] == "halfvec(1024)" and list(types) == [
+        "chunk_id",
+        "embedding",
+        "embedding_model",
+        "embedded_at",
+    ]
 
 
 def test_injected_faults_lose_nothing(make_resources, make_bedrock, db):

@@ -10,6 +10,7 @@ from retrieval_assets.lib.columns import COARSE, FINE
 from retrieval_assets.lib.embedders import FastEmbedResource, SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource, maintain, on_latest_version
 from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.reporting import arrow_column_schema
 from retrieval_assets.lib.search import (
     PROBE_QUERIES,
     RESULT_COLUMNS,
@@ -42,7 +43,9 @@ def coarse_index(
     search. Built once the table has 10,000 vectors, rebuilt when over 20% of the vectors arrived
     after it was trained, otherwise refreshed incrementally; smaller tables are searched exactly."""
     with lancedb.get_connection() as db:
-        result = ensure_coarse_index(lancedb.chunks_table(db))
+        table = lancedb.chunks_table(db)
+        result = ensure_coarse_index(table)
+        columns = arrow_column_schema(table.schema, ["chunk_id", COARSE.column])
     context.log.info(
         f"coarse index {result.action}: {result.indexed_rows} rows indexed, "
         f"{result.unindexed_rows} scanned exactly"
@@ -54,6 +57,7 @@ def coarse_index(
             "indexed_rows": result.indexed_rows,
             "unindexed_rows": result.unindexed_rows,
             "dagster/row_count": result.indexed_rows + result.unindexed_rows,  # vectors searched
+            "dagster/column_schema": columns,
             "seconds": round(result.seconds, 2),
         }
     )
@@ -98,12 +102,14 @@ def chunk_table_maintenance(
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
         result = maintain(table, lancedb.keep_versions_minutes)
-        rows = table.count_rows()
+        rows, columns = table.count_rows(), arrow_column_schema(table.schema)
     context.log.info(
         f"chunk table: {result['versions_before']} -> {result['versions_after']} versions, "
         f"{result['fragments_before']} -> {result['fragments_after']} fragments"
     )
-    return dg.MaterializeResult(metadata={**result, "dagster/row_count": rows})
+    return dg.MaterializeResult(
+        metadata={**result, "dagster/row_count": rows, "dagster/column_schema": columns}
+    )
 
 
 SEARCH_SNAPSHOT = dg.AssetKey(["lancedb", "search_snapshot"])
@@ -144,6 +150,8 @@ def search_snapshot(
             published = current(lancedb.snapshot_root)
             if published is None:
                 raise RuntimeError(f"no search snapshot in {lancedb.snapshot_root} after a build")
+        # What a search reads from it: the result columns and both vectors (f16 on disk).
+        columns = arrow_column_schema(table.schema, [*RESULT_COLUMNS, COARSE.column, FINE.column])
     context.log.info(
         f"search snapshot {action}: version {published.version}, {rows} rows, "
         f"{inserted} inserted into the graph in {seconds:.1f} s"
@@ -154,6 +162,7 @@ def search_snapshot(
             "action": action,
             "table_version": published.version,
             "dagster/row_count": rows,
+            "dagster/column_schema": columns,
             "graph_inserts": inserted,
             "graph_tombstones": published.tombstones,
             "seconds": round(seconds, 2),

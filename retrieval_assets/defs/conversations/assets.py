@@ -14,7 +14,12 @@ from retrieval_assets.lib.ingest import (
 )
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
-from retrieval_assets.lib.reporting import markdown_histogram, markdown_table
+from retrieval_assets.lib.reporting import (
+    arrow_column_schema,
+    markdown_histogram,
+    markdown_table,
+    postgres_column_schema,
+)
 from retrieval_assets.lib.sources import ConversationSourceResource, ParseReport, Problem
 
 CONVERSATIONS = dg.AssetKey(["postgres", "conversations"])
@@ -82,6 +87,7 @@ def conversations(
             held_back=lambda: report.held_back,
         )
         stored = conversation_summary(conn)
+        columns = postgres_column_schema(conn, "conversations")
     if report.conversations == 0 and (report.rejected or report.errors):
         raise dg.Failure(
             f"no conversation could be read from {conversation_source.path}",
@@ -136,6 +142,7 @@ def conversations(
             "deleted": result.deleted,
             "deletions_propagated": not result.deletions_skipped,
             "dagster/row_count": stored.conversations,
+            "dagster/column_schema": columns,
             "total_turns": stored.turns,
             "problems": dg.MetadataValue.md(problems),
             "preview": dg.MetadataValue.md(
@@ -217,8 +224,11 @@ def conversation_chunks(
             f"added, {result.chunks_removed} removed"
         )
         summary = chunk_summary(conn, {t.name: t.max_tokens for t in tiers})
+        pg_columns = postgres_column_schema(conn, "conversation_chunks")
         with lancedb.get_connection() as db:
-            mirrored = mirror_chunks(conn, lancedb.chunks_table(db))
+            table = lancedb.chunks_table(db)
+            mirrored = mirror_chunks(conn, table)
+            lance_columns = arrow_column_schema(table.schema)
     total = sum(row[1] for row in summary.per_tier)
     token_meta: dict[str, float | int] = {}
     for tier, count, mean, p50, p95, biggest in summary.per_tier:
@@ -237,6 +247,7 @@ def conversation_chunks(
         asset_key=POSTGRES_CHUNKS,
         metadata={
             "dagster/row_count": total,
+            "dagster/column_schema": pg_columns,
             "conversations_rechunked": result.conversations,
             "chunks_added": result.chunks_inserted,
             "chunks_removed": result.chunks_removed,
@@ -261,6 +272,7 @@ def conversation_chunks(
         asset_key=LANCEDB_CHUNKS,
         metadata={
             "dagster/row_count": mirrored.rows,
+            "dagster/column_schema": lance_columns,
             "rows_inserted": mirrored.inserted,
             "rows_deleted": mirrored.deleted,
             "uri": lancedb.location,

@@ -10,12 +10,14 @@ from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.lexical import (
     LANCEDB_INDEX,
     POSTGRES_INDEX,
+    TEXT_COLUMN,
     ensure_lancedb_index,
     lancedb_index_state,
     postgres_lexical_health,
     refresh_postgres_lexicon,
 )
 from retrieval_assets.lib.postgres import PostgresResource
+from retrieval_assets.lib.reporting import arrow_column_schema, postgres_column_schema
 
 LANCEDB_LEXICAL = dg.AssetKey(["lancedb", "lexical_index"])
 POSTGRES_LEXICAL = dg.AssetKey(["postgres", "lexical_index"])
@@ -41,12 +43,16 @@ def lancedb_lexical_index(
     removed. Built once, then each run folds the chunks written since into it; until then
     those chunks are still searched, by a scan."""
     with lancedb.get_connection() as db:
-        state = ensure_lancedb_index(lancedb.chunks_table(db))
+        table = lancedb.chunks_table(db)
+        state = ensure_lancedb_index(table)
+        columns = arrow_column_schema(table.schema, ["chunk_id", "user_id", TEXT_COLUMN])
     context.log.info(
         f"lexical index {state.action}: {state.indexed_rows} rows indexed, "
         f"{state.unindexed_rows} not yet"
     )
-    return dg.MaterializeResult(metadata={"index": LANCEDB_INDEX, **state.metadata()})
+    return dg.MaterializeResult(
+        metadata={"index": LANCEDB_INDEX, **state.metadata(), "dagster/column_schema": columns}
+    )
 
 
 @dg.asset_check(
@@ -84,8 +90,13 @@ def postgres_lexical_index(
     users whose chunks changed, which match_conversation_chunks_lexical and _hybrid score with."""
     with postgres.get_connection() as conn:
         state = refresh_postgres_lexicon(conn)
+        columns = postgres_column_schema(
+            conn, "conversation_chunks", ["chunk_id", "user_id", "content_tsv", "content_tokens"]
+        )
     context.log.info(f"lexical statistics {state.action}: {state.indexed_rows} chunks covered")
-    return dg.MaterializeResult(metadata={"index": POSTGRES_INDEX, **state.metadata()})
+    return dg.MaterializeResult(
+        metadata={"index": POSTGRES_INDEX, **state.metadata(), "dagster/column_schema": columns}
+    )
 
 
 @dg.asset_check(

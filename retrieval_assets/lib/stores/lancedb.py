@@ -20,6 +20,7 @@ from retrieval_assets.lib.columns import (
     fingerprint,
 )
 from retrieval_assets.lib.lancedb_store import explain_write_errors, on_latest_version
+from retrieval_assets.lib.reporting import arrow_column_schema
 from retrieval_assets.lib.shards import lancedb_filter
 from retrieval_assets.lib.stores.checks import (
     DIMS_MATCH,
@@ -142,6 +143,7 @@ class LanceDBColumns:
                         "to make the column first"
                     )
             dims = column_dims(table, name)
+            columns = arrow_column_schema(table.schema, ["chunk_id", name])
             result = fill_nulls(
                 table,
                 name,
@@ -170,6 +172,7 @@ class LanceDBColumns:
             "seconds": round(result.seconds, 2),
             "nulls_remaining": result.remaining,
             "dagster/row_count": result.skipped + result.embedded,  # rows with a vector
+            "dagster/column_schema": columns,
         }
 
     def check(self, column: VectorColumn, embedder: Any) -> list[CheckOutcome]:

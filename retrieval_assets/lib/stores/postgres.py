@@ -14,6 +14,7 @@ from typing import Any
 
 from retrieval_assets.lib.columns import Backlog, CheckOutcome, CheckSpec, VectorColumn, fingerprint
 from retrieval_assets.lib.connection import one
+from retrieval_assets.lib.reporting import postgres_column_schema
 from retrieval_assets.lib.schema import EMBEDDING_TYPE, embedding_dims
 from retrieval_assets.lib.stores.checks import (
     DIMS_MATCH,
@@ -36,6 +37,7 @@ from retrieval_assets.lib.titan import (
 )
 
 NO_QUARANTINE = "no_quarantined_rows"
+TITAN_COLUMNS = ("chunk_id", "embedding", "embedding_model", "embedded_at")
 QUARANTINE_AFTER = 3  # failed runs before a chunk is set aside (replay-quarantine retries it)
 _log = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class PostgresColumns:
                     log.info(f"HNSW index rebuilt in {build_seconds:.1f}s")
             remaining, in_quarantine = backlog(conn, shard), quarantined(conn)
             stored = embedded(conn, shard)
+            columns = postgres_column_schema(conn, "conversation_chunks", TITAN_COLUMNS)
         seconds = time.monotonic() - started
         log.info(
             f"{stats.embedded} chunks embedded by {source} in {seconds:.1f}s; "
@@ -165,6 +168,7 @@ class PostgresColumns:
             "tokens_per_second": round(stats.tokens / seconds, 1) if seconds else 0.0,
             "nulls_remaining": remaining,
             "dagster/row_count": stored,  # rows with a vector (in the shard)
+            "dagster/column_schema": columns,
             "bulk_load": bulk,
             "hnsw_build_seconds": round(build_seconds, 1),
             **{f"local_endpoint_{k}": v for k, v in embedder.endpoint_counts().items()},
