@@ -2,9 +2,10 @@
 main job are built here once, and the libraries every store step imports are imported here once,
 so each step process forks with them in memory instead of paying for them again.
 
-LanceDB (the slowest import of a store step) warns that fork support is experimental: a fork while another thread
-is inside one of its operations could deadlock the child. This process imports it and does nothing
-else with it, so no operation is ever in flight when it forks; the warning is silenced for that.
+LanceDB (the slowest import of a store step) warns that fork support is experimental: a fork
+while another thread is inside one of its operations could deadlock the child. This process
+imports it and does nothing else with it, so no operation is ever in flight when it forks; the
+warning is silenced for that.
 """
 
 import warnings
