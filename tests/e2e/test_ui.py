@@ -320,6 +320,17 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     page.get_by_text("graph_inserts").first.wait_for()
     assert "table_version" in body.inner_text()
     shot(page, "05b-search-snapshot-asset")
+    # What an operator reads first: freshness, row count and columns, on every table-like asset.
+    open_page(page, server, "/assets/lancedb/fine_vectors")
+    page.get_by_text("Fails if more than 6 hours since last materialization").first.wait_for()
+    text = body.inner_text()
+    for shown in ("Freshness policy", "Passing", "Row count", "Columns", "vector_fine"):
+        assert shown in text, shown
+    shot(page, "05c-fine-vectors-freshness-row-count-columns")
+    # ... and the server's log carries no warning the project's definitions cause.
+    log = server.log.read_text()
+    for noise in ("BetaWarning", "PreviewWarning", "SupersessionWarning", "dagster.yaml"):
+        assert noise not in log, (noise, log[-3000:])
 
     # A backlog appears (the model's vectors are cleared), then the sensor is turned on.
     import lancedb
