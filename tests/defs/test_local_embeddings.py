@@ -153,6 +153,48 @@ def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lanc
     assert calls == [] and result.embedded == 0
 
 
+def test_recall_checks_measure_each_table_version_once(make_graph_resources, lance_uri):
+    """A run with nothing new gives the recall checks' last figures again (the same table version
+    cannot score differently) without loading a query model; any write measures anew."""
+
+    def recalls(result) -> dict[str, dict]:
+        return {
+            e.check_name: {k: v.value for k, v in e.metadata.items()}
+            for e in result.get_asset_check_evaluations()
+            if e.check_name in ("coarse_recall_at_10", "search_snapshot_recall_at_10")
+        }
+
+    with dg.instance_for_test() as instance:
+        first = dg.materialize(
+            GRAPH,
+            resources=make_graph_resources(SAMPLE_DATA_DIR),
+            instance=instance,
+            tags=ALL_SHARDS,
+        )
+        measured = recalls(first)
+        assert len(measured) == 2 and all("measured_in_run" not in m for m in measured.values())
+        again = dg.materialize(
+            GRAPH,
+            resources=make_graph_resources(SAMPLE_DATA_DIR),
+            instance=instance,
+            tags=ALL_SHARDS,
+        )
+        for name, figures in recalls(again).items():
+            assert figures["measured_in_run"] == first.run_id, name
+            assert figures["recall_at_10"] == measured[name]["recall_at_10"]
+            assert figures["table_version"] == table(lance_uri).version
+        table(lance_uri).update(values={"tier": "medium"})  # a write: a new table version
+        third = dg.materialize(
+            GRAPH,
+            resources=make_graph_resources(SAMPLE_DATA_DIR),
+            instance=instance,
+            tags=ALL_SHARDS,
+        )
+        for name, figures in recalls(third).items():
+            assert "measured_in_run" not in figures, name
+            assert figures["table_version"] > measured[name]["table_version"]
+
+
 def test_changed_text_re_embeds_only_its_chunks(make_graph_resources, lance_uri, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
