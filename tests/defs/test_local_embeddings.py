@@ -64,9 +64,13 @@ GRAPH = [
 ]
 
 
-def run(resources, raise_on_error=True):
+def run(resources, raise_on_error=True, instance=None):
     return dg.materialize(
-        GRAPH, resources=resources, raise_on_error=raise_on_error, tags=ALL_SHARDS
+        GRAPH,
+        resources=resources,
+        raise_on_error=raise_on_error,
+        tags=ALL_SHARDS,
+        instance=instance,
     )
 
 
@@ -165,31 +169,16 @@ def test_recall_checks_measure_each_table_version_once(make_graph_resources, lan
         }
 
     with dg.instance_for_test() as instance:
-        first = dg.materialize(
-            GRAPH,
-            resources=make_graph_resources(SAMPLE_DATA_DIR),
-            instance=instance,
-            tags=ALL_SHARDS,
-        )
+        first = run(make_graph_resources(SAMPLE_DATA_DIR), instance=instance)
         measured = recalls(first)
         assert len(measured) == 2 and all("measured_in_run" not in m for m in measured.values())
-        again = dg.materialize(
-            GRAPH,
-            resources=make_graph_resources(SAMPLE_DATA_DIR),
-            instance=instance,
-            tags=ALL_SHARDS,
-        )
+        again = run(make_graph_resources(SAMPLE_DATA_DIR), instance=instance)
         for name, figures in recalls(again).items():
             assert figures["measured_in_run"] == first.run_id, name
             assert figures["recall_at_10"] == measured[name]["recall_at_10"]
             assert figures["table_version"] == table(lance_uri).version
         table(lance_uri).update(values={"tier": "medium"})  # a write: a new table version
-        third = dg.materialize(
-            GRAPH,
-            resources=make_graph_resources(SAMPLE_DATA_DIR),
-            instance=instance,
-            tags=ALL_SHARDS,
-        )
+        third = run(make_graph_resources(SAMPLE_DATA_DIR), instance=instance)
         for name, figures in recalls(third).items():
             assert "measured_in_run" not in figures, name
             assert figures["table_version"] > measured[name]["table_version"]
