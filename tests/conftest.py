@@ -15,6 +15,7 @@ from retrieval_assets.lib.models import MINILM
 from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded, stop_embedded
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.sources import ConversationSourceResource
+from tests.services import ObjectStore, s3_server
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -91,6 +92,14 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with hold_embedded(tmp_path_factory.mktemp("pg-session")) as url:
         ensure_schema(url, upgrade=True)
         yield url
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """An S3-compatible server (moto) on loopback for the session; each user takes its own
+    LanceDB URI in its bucket."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as store:
+        yield store
 
 
 @pytest.fixture

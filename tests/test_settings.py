@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.schema import TITAN_MODEL_ID
 from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
 from tests import PROJECT_ROOT
+from tests.services import ObjectStore, free_port
 
 NAMES = {s.name for s in SETTINGS}
 BIN = Path(sys.executable).parent
@@ -61,6 +61,14 @@ INVALID = (
     Bad("RETRIEVAL_DATA_DIR", "{tmp}/a-file", "is a file"),
     Bad("LANCEDB_URI", "ftp://x", "scheme ftp://"),
     Bad("LANCEDB_URI", "{tmp}/a-file", "is a file"),
+    Bad(
+        "LANCEDB_STORAGE_OPTIONS",
+        '{"aws_secret_access_key": "Planted-s3-secret-77"',
+        "is not JSON",
+        ("Planted-s3-secret-77",),
+    ),
+    Bad("LANCEDB_STORAGE_OPTIONS", '{"allow_http": true}', "keys and values are strings"),
+    Bad("LANCEDB_STORAGE_OPTIONS", '{"aws_region": "eu-west-1"}', "not an object store URI"),
     Bad("LANCEDB_KEEP_VERSIONS_MINUTES", "-1", "outside 0..525,600"),
     Bad("LANCEDB_KEEP_VERSIONS_MINUTES", "an hour", "not a whole number"),
     Bad("CONVERSATIONS_SOURCE", "/nonexistent", "does not exist"),
@@ -104,6 +112,13 @@ INVALID = (
         "postgresql://dagster:Dagster-pw-55@db:5x/dagster",
         "port '5x'",
         ("Dagster-pw-55",),
+    ),
+    Bad("CELERY_BROKER_URL", "http://broker:6379/0", "scheme http://"),
+    Bad(
+        "CELERY_BROKER_URL",
+        "redis://:Celery-pw-31@broker:63x9/0",
+        "port that is not a number",
+        ("Celery-pw-31",),
     ),
 )
 COMMANDS = (["run"], ["status"], ["search", "x"], ["search", "--store", "postgres", "x"])
@@ -314,9 +329,12 @@ def test_aws_profile_and_web_identity_are_accepted_and_select_bedrock(
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def production_settings(root: Path, database_url: str, dagster_url: str, endpoint: str) -> dict:
-    """Every setting but AWS_PROFILE and AWS_WEB_IDENTITY_TOKEN_FILE (the keys stand for them),
-    each a valid value other than its default."""
+def production_settings(
+    root: Path, database_url: str, dagster_url: str, endpoint: str, store: ObjectStore
+) -> dict:
+    """Every setting but AWS_PROFILE and AWS_WEB_IDENTITY_TOKEN_FILE (the keys stand for them)
+    and CELERY_BROKER_URL (tests/test_celery.py runs the steps on celery workers), each a valid
+    value other than its default. LanceDB is on object storage (`store`)."""
     source = root / "exports"
     if not source.exists():
         shutil.copytree(SAMPLE_DATA_DIR, source)
@@ -331,7 +349,8 @@ def production_settings(root: Path, database_url: str, dagster_url: str, endpoin
     return {
         "DATABASE_URL": database_url,
         "RETRIEVAL_DATA_DIR": str(root / "data"),
-        "LANCEDB_URI": str(root / "lance"),
+        "LANCEDB_URI": store.uri("prod"),
+        "LANCEDB_STORAGE_OPTIONS": store.storage_options,
         "LANCEDB_KEEP_VERSIONS_MINUTES": "30",
         "CONVERSATIONS_SOURCE": str(source),
         "DEFAULT_USER_ID": "prod-user",
@@ -356,8 +375,13 @@ def test_production_values_pass_the_check(tmp_path):
         "postgresql://app:pw@db.internal:6543/postgres",
         "postgresql://dagster:pw@db.internal:5432/dagster",
         "https://bedrock-runtime.eu-west-1.amazonaws.com",
+        ObjectStore("https://s3.eu-west-1.amazonaws.com", "retrieval-prod"),
     )
-    assert set(settings) == NAMES - {"AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"}
+    assert set(settings) == NAMES - {
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "CELERY_BROKER_URL",
+    }
     check_environment({**clean_environ(), **settings})
 
 
@@ -371,12 +395,6 @@ def database_on(server_url: str, name: str) -> str:
         conn.execute(f"CREATE DATABASE {name}")
     base, query = server_url.split("?", 1)
     return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -429,18 +447,20 @@ class Deployment:
     env: dict[str, str]
     settings: dict[str, str]
     run: subprocess.CompletedProcess
+    store: ObjectStore
 
 
 @pytest.fixture(scope="module")
-def production(pg_url: str, bedrock_endpoint) -> Deployment:
-    """Every setting at a production-like value; the schema migrated the production way (Alembic,
-    before anything runs); then `retrieval-assets run`."""
+def production(pg_url: str, bedrock_endpoint, object_store: ObjectStore) -> Deployment:
+    """Every setting at a production-like value (LanceDB on an S3-compatible server); the schema
+    migrated the production way (Alembic, before anything runs); then `retrieval-assets run`."""
     endpoint, root = bedrock_endpoint
     settings = production_settings(
         root,
         database_on(pg_url, "prod_test"),
         database_on(pg_url, "prod_dagster"),
         endpoint,
+        object_store,
     )
     home = root / "dagster-home"
     env = {**clean_environ(), **settings, "DAGSTER_HOME": str(home)}
@@ -454,7 +474,7 @@ def production(pg_url: str, bedrock_endpoint) -> Deployment:
     )
     assert migrate.returncode == 0, migrate.stderr[-3000:]
     run = run_tool([str(BIN / "retrieval-assets"), "run"], env, timeout=1200)
-    return Deployment(env, settings, run)
+    return Deployment(env, settings, run, object_store)
 
 
 def output_of(out: subprocess.CompletedProcess) -> str:
@@ -521,10 +541,16 @@ def test_production_data_follows_every_setting(production: Deployment):
         "jsonl": ["prod-user", "sample-user-jsonl"],
         "claude": ["sample-user-claude"],
     }
-    # LanceDB at LANCEDB_URI, not under RETRIEVAL_DATA_DIR
-    assert (Path(settings["LANCEDB_URI"]) / "conversation_chunks.lance").is_dir()
-    assert not (Path(settings["RETRIEVAL_DATA_DIR"]) / "lancedb").exists()
+    # LanceDB at LANCEDB_URI, in the bucket, not under RETRIEVAL_DATA_DIR; its search snapshot
+    # on this machine, under the data directory
     data_dir = Path(settings["RETRIEVAL_DATA_DIR"])
+    bucket, prefix = settings["LANCEDB_URI"].removeprefix("s3://").split("/", 1)
+    listed = production.store.client().list_objects_v2(
+        Bucket=bucket, Prefix=f"{prefix}/conversation_chunks.lance/_versions/"
+    )
+    assert listed["KeyCount"] > 0
+    assert not (data_dir / "lancedb").exists()
+    assert list((data_dir / "search_snapshot").glob("*/*/coarse.npy"))
     assert not (data_dir / "pg").exists()  # no embedded server
     assert list((data_dir / "onnx").glob("*/model.onnx"))  # the model exports live here
 

@@ -59,6 +59,7 @@ def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
         "postgres": PostgresResource(database_url=bind("DATABASE_URL", ""), data_dir=data_dir),
         "lancedb": LanceDBResource(
             uri=bind("LANCEDB_URI", ""),
+            storage_options=bind("LANCEDB_STORAGE_OPTIONS", ""),
             data_dir=data_dir,
             keep_versions_minutes=bind_int("LANCEDB_KEEP_VERSIONS_MINUTES", 60),
         ),

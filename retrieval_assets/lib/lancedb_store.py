@@ -78,17 +78,22 @@ class LanceDBResource(dg.ConfigurableResource):
         description="Table versions older than this are removed by the maintenance step (after "
         "compaction); readers pinned to an older version within it keep working.",
     )
-    storage_options: dict[str, str] = Field(
-        default_factory=dict,
-        description="Object-store options passed to lancedb.connect (region, endpoint, keys).",
+    storage_options: str = Field(
+        default="",
+        description="Object-store options for lancedb.connect, a JSON object of strings (region, "
+        "endpoint, keys; README: Running on a cluster). Empty: the store's own environment "
+        "(AWS_* variables, an instance role).",
     )
 
     @contextmanager
     def get_connection(self) -> Iterator[lancedb.DBConnection]:
+        import json
+
         import lancedb
 
         tune_malloc()  # before LanceDB's threads start
-        yield lancedb.connect(self.location, storage_options=self.storage_options or None)
+        options = json.loads(self.storage_options) if self.storage_options else None
+        yield lancedb.connect(self.location, storage_options=options)
 
     @property
     def location(self) -> str:

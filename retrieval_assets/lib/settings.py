@@ -73,6 +73,8 @@ def _writable_dir(value: str, _: Mapping[str, str]) -> None:
 
 # Schemes lancedb.connect understands (object stores, DynamoDB-locked S3, memory).
 _LANCEDB_SCHEMES = ("s3", "s3+ddb", "gs", "az", "abfs", "file", "memory")
+# Brokers the celery executor is run with here (Redis) or documented for (RabbitMQ).
+CELERY_BROKER_SCHEMES = ("redis", "rediss", "amqp", "pyamqp")
 
 
 def _lancedb_uri(value: str, environ: Mapping[str, str]) -> None:
@@ -83,6 +85,35 @@ def _lancedb_uri(value: str, environ: Mapping[str, str]) -> None:
     scheme = value.split("://", 1)[0]
     if scheme not in _LANCEDB_SCHEMES:
         raise ValueError(f"has scheme {scheme}://, which LanceDB does not open")
+
+
+def _storage_options(value: str, environ: Mapping[str, str]) -> None:
+    import json
+
+    _not_blank(value)
+    try:
+        options = json.loads(value)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    if not isinstance(options, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in options.items()
+    ):
+        raise ValueError("is not a JSON object whose keys and values are strings")
+    if "://" not in environ.get("LANCEDB_URI", ""):
+        raise ValueError("applies to object storage, but LANCEDB_URI is not an object store URI")
+
+
+def _celery_broker(value: str, _: Mapping[str, str]) -> None:
+    _not_blank(value)
+    parts = urlsplit(value)
+    if parts.scheme not in CELERY_BROKER_SCHEMES:
+        raise ValueError(f"has scheme {parts.scheme or '(none)'}://, not redis:// or amqp://")
+    if not parts.hostname:
+        raise ValueError("names no host")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
 
 
 def _readable_source(value: str, _: Mapping[str, str]) -> None:
@@ -202,6 +233,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("RETRIEVAL_DATA_DIR", _writable_dir, "point it at a writable directory"),
     Setting("LANCEDB_URI", _lancedb_uri, "set a writable directory or s3://bucket/path"),
+    Setting(
+        "LANCEDB_STORAGE_OPTIONS",
+        _storage_options,
+        'write a JSON object such as {"aws_endpoint": "https://...", "aws_region": "eu-west-1"}',
+        secret=True,  # it may carry keys
+    ),
     Setting("LANCEDB_KEEP_VERSIONS_MINUTES", _integer(0, 525_600), "set minutes, e.g. 60"),
     Setting("CONVERSATIONS_SOURCE", _readable_source, "point it at an export file or directory"),
     Setting("DEFAULT_USER_ID", _user_id, "set a plain id such as local-user"),
@@ -243,6 +280,12 @@ SETTINGS: tuple[Setting, ...] = (
         f"{_POSTGRES_FIX}, or unset it for SQLite",
         secret=True,
     ),
+    Setting(
+        "CELERY_BROKER_URL",
+        _celery_broker,
+        "set redis://host:6379/0 (or amqp://...), or unset it to run steps on this machine",
+        secret=True,
+    ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 # Any of these makes Bedrock the real service; none: the local Bedrock-compatible endpoint.
@@ -252,7 +295,7 @@ AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTIT
 def _shown(setting: Setting, value: str) -> str:
     if not setting.secret:
         return repr(value)
-    if "://" in value:  # a URL: keep its shape, hide the password
+    if "://" in value and not value.lstrip().startswith("{"):  # a URL: hide the password only
         from retrieval_assets.lib.connection import redacted
 
         return repr(redacted(value))

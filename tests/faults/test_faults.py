@@ -47,17 +47,28 @@ def figures(case: str, **values) -> None:
 
 
 @pytest.fixture
-def stores(tmp_path, chunker_resource, fastembed):
-    """A PostgreSQL of its own (some cases restart it), a LanceDB dir, and the corpus ingested."""
+def stores(request, tmp_path, chunker_resource, fastembed):
+    """A PostgreSQL of its own (some cases restart it), LanceDB (a directory, or with the
+    parameter "s3" on the S3-compatible server), and the corpus ingested."""
+    if getattr(request, "param", "directory") == "s3":
+        store = request.getfixturevalue("object_store")
+        lancedb = LanceDBResource(uri=store.uri("faults"), storage_options=store.storage_options)
+    else:
+        lancedb = LanceDBResource(uri=str(tmp_path / "lancedb"))
     with hold_embedded(tmp_path / "pgdata") as url:
-        yield _ingested(tmp_path, url, chunker_resource, fastembed)
+        yield _ingested(tmp_path, url, lancedb, chunker_resource, fastembed)
 
 
-def _ingested(tmp_path, url, chunker_resource, fastembed) -> dict:
+# The cases where writers race or die, on both kinds of LanceDB location: on object storage
+# LanceDB commits a version by a conditional put (If-None-Match), the one atomic step it has there.
+BOTH_LOCATIONS = pytest.mark.parametrize("stores", ["directory", "s3"], indirect=True)
+
+
+def _ingested(tmp_path, url, lancedb, chunker_resource, fastembed) -> dict:
     ensure_schema(url, upgrade=True)
     resources = {
         "postgres": PostgresResource(database_url=url, write_batch_rows=32),
-        "lancedb": LanceDBResource(uri=str(tmp_path / "lancedb")),
+        "lancedb": lancedb,
         "conversation_source": ConversationSourceResource(
             path=str(write_jsonl_source(tmp_path / "source", range(CONVERSATIONS)))
         ),
@@ -67,6 +78,10 @@ def _ingested(tmp_path, url, chunker_resource, fastembed) -> dict:
     dg.materialize([conversations, conversation_chunks], resources=resources)
     resources["pgdata"] = tmp_path / "pgdata" / "pg"
     return resources
+
+
+def location(stores) -> str:
+    return "S3" if stores["lancedb"].uri.startswith("s3://") else "directory"
 
 
 def chunk_ids(url: str) -> list[str]:
@@ -83,10 +98,9 @@ def assert_titan_exactly_once(url: str, expected: list[str]) -> None:
     assert total == distinct == embedded == len(expected) and models == 1
 
 
-def assert_lancedb_exactly_once(uri: str, expected: list[str]) -> None:
-    import lancedb
-
-    table = lancedb.connect(uri).open_table(CHUNKS_TABLE)
+def assert_lancedb_exactly_once(lancedb: LanceDBResource, expected: list[str]) -> None:
+    with lancedb.get_connection() as db:
+        table = db.open_table(CHUNKS_TABLE)
     ids = table.search().select(["chunk_id"]).limit(None).to_arrow().column("chunk_id").to_pylist()
     assert sorted(ids) == sorted(expected)  # none lost, none duplicated
     assert table.count_rows(f"{COARSE.column} IS NULL") == 0
@@ -205,6 +219,7 @@ def worker(stores, model_dir, batch_rows: int) -> subprocess.Popen:
             stores["lancedb"].uri,
             model_dir,
             str(batch_rows),
+            stores["lancedb"].storage_options,
         ],
         cwd=PROJECT_ROOT,
         stdout=subprocess.PIPE,
@@ -232,6 +247,7 @@ def finish_lancedb(stores) -> int:
     return event.materialization.metadata["rows_embedded"].value
 
 
+@BOTH_LOCATIONS
 def test_run_worker_killed_mid_batch_then_retried(stores, tmp_path):
     expected = chunk_ids(stores["postgres"].database_url)
     started = time.monotonic()
@@ -243,9 +259,9 @@ def test_run_worker_killed_mid_batch_then_retried(stores, tmp_path):
     assert process.returncode == -signal.SIGKILL and 0 < done_before < len(expected)
     embedded_by_retry = finish_lancedb(stores)
     assert embedded_by_retry == len(expected) - done_before  # nothing redone, nothing missed
-    assert_lancedb_exactly_once(stores["lancedb"].uri, expected)
+    assert_lancedb_exactly_once(stores["lancedb"], expected)
     figures(
-        "run worker SIGKILLed mid-batch, retried",
+        f"run worker SIGKILLed mid-batch, retried ({location(stores)})",
         rows=len(expected),
         embedded_before_kill=done_before,
         embedded_by_retry=embedded_by_retry,
@@ -253,6 +269,7 @@ def test_run_worker_killed_mid_batch_then_retried(stores, tmp_path):
     )
 
 
+@BOTH_LOCATIONS
 def test_two_runs_write_the_same_lancedb_table(stores, tmp_path):
     expected = chunk_ids(stores["postgres"].database_url)
     started = time.monotonic()
@@ -266,9 +283,9 @@ def test_two_runs_write_the_same_lancedb_table(stores, tmp_path):
         assert run.returncode == 0, err[-3000:]
     embedded = [int(out.strip().splitlines()[-1].split()[-1]) for out, _ in outputs]
     assert sum(embedded) >= len(expected)  # both worked; overlap is repeated work, not rows
-    assert_lancedb_exactly_once(stores["lancedb"].uri, expected)
+    assert_lancedb_exactly_once(stores["lancedb"], expected)
     figures(
-        "two runs fill the same LanceDB column at once",
+        f"two runs fill the same LanceDB column at once ({location(stores)})",
         rows=len(expected),
         embedded_by_each=embedded,
         seconds=round(time.monotonic() - started, 1),
@@ -293,7 +310,7 @@ def test_lancedb_directory_made_read_only_mid_run(stores, tmp_path):
     assert 0 < done_before < len(expected)
     embedded_after = finish_lancedb(stores)
     assert embedded_after == len(expected) - done_before
-    assert_lancedb_exactly_once(lance_dir, expected)
+    assert_lancedb_exactly_once(stores["lancedb"], expected)
     figures(
         "LanceDB directory read-only mid-run",
         rows=len(expected),

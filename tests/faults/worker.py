@@ -1,6 +1,7 @@
 """A run worker the fault suite can kill, starve of disk or race: fills one LanceDB column.
 
-    python -m tests.faults.worker <database_url> <lancedb_uri> <models_dir> <rows_per_batch>
+    python -m tests.faults.worker <database_url> <lancedb_uri> <models_dir> <rows_per_batch> \
+        [<lancedb_storage_options_json>]
 
 Prints one line per committed batch (flushed), so the suite knows when to strike.
 """
@@ -23,9 +24,10 @@ class PrintLog:
 
 def main() -> None:
     database_url, lance_uri, models, batch_rows = sys.argv[1:5]
+    options = sys.argv[5] if len(sys.argv) > 5 else ""
     store = LanceDBColumns(
         PostgresResource(database_url=database_url),
-        LanceDBResource(uri=lance_uri, write_batch_rows=int(batch_rows)),
+        LanceDBResource(uri=lance_uri, write_batch_rows=int(batch_rows), storage_options=options),
     )
     metadata = store.fill(
         COARSE, FastEmbedResource(data_dir=models, batch_size=8), None, PrintLog()
