@@ -8,6 +8,7 @@ retrieval-assets search --store postgres "text"   the same modes through Postgre
 retrieval-assets replay-quarantine          retry chunks quarantined after Titan failures
 retrieval-assets titan-dims 512             write (embedded default: apply) the migration
 retrieval-assets migrate                    bring the database's schema to head (alembic upgrade)
+retrieval-assets worker                     a celery worker for the steps (CELERY_BROKER_URL set)
 """
 
 from __future__ import annotations
@@ -151,6 +152,46 @@ def _resources(*keys: str) -> Iterator[Any]:
     bound = resources_from_environment()
     with dg.build_resources({key: bound[key] for key in keys}) as resources:
         yield resources
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A celery worker for the steps runs send through CELERY_BROKER_URL (README: Running on a
+    cluster), as a child process: this one holds the embedded server meanwhile, if in use."""
+    import signal
+    import subprocess
+
+    from retrieval_assets.lib.settings import ConfigError
+    from retrieval_assets.lib.workers import QUEUE
+
+    if "CELERY_BROKER_URL" not in os.environ:
+        raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker runs send to")
+    _ensure_dagster_home()
+    celery = os.path.join(os.path.dirname(sys.executable), "celery")
+    child = subprocess.Popen(
+        [
+            celery,
+            "-A",
+            "retrieval_assets.celery_worker",
+            "worker",
+            "--queues",
+            QUEUE,
+            "--concurrency",
+            str(args.concurrency),
+            "--hostname",
+            f"{args.name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)  # celery finishes the steps in hand on SIGTERM, then exits
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return child.wait()
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -412,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("migrate", help="bring the database's schema to head").set_defaults(
         fn=cmd_migrate
     )
+    worker = sub.add_parser("worker", help="a celery worker for the steps (CELERY_BROKER_URL)")
+    worker.add_argument(
+        "--concurrency", type=int, default=1, help="steps at once (each model uses every core)"
+    )
+    worker.add_argument("--name", default="retrieval", help="the worker's name (name@host)")
+    worker.set_defaults(fn=cmd_worker)
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")
     dims.set_defaults(fn=cmd_titan_dims)

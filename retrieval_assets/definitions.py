@@ -2,6 +2,7 @@
 automation sensor and the nightly consistency check of every store."""
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import dagster as dg
 
 from retrieval_assets import defs as defs_folder
 from retrieval_assets.defs.automation.schedules import INGESTION_FRESHNESS
+from retrieval_assets.lib.settings import check_environment, is_set
+from retrieval_assets.lib.workers import celery_executor
 
 
 def consistency_checks(loaded: dg.Definitions) -> dg.AssetSelection:
@@ -42,6 +45,14 @@ EXECUTOR = dg.multiprocess_executor.configured(
 )
 
 
+def executor() -> dg.ExecutorDefinition:
+    """Steps on this machine (EXECUTOR), or on celery workers when CELERY_BROKER_URL is set."""
+    check_environment()
+    if not is_set("CELERY_BROKER_URL"):
+        return EXECUTOR
+    return celery_executor(os.environ["CELERY_BROKER_URL"])
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
     return build_definitions()
@@ -70,7 +81,7 @@ def build_definitions() -> dg.Definitions:
     return dg.Definitions.merge(
         loaded,
         dg.Definitions(
-            executor=EXECUTOR,
+            executor=executor(),
             # Downstream assets follow their upstream (AutomationCondition.eager) once this runs.
             sensors=[
                 dg.AutomationConditionSensorDefinition(

@@ -4,6 +4,7 @@ store (moto's server mode) and Redis (Debian's redis-server, the celery broker).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+# Read by the AWS_PROFILE check (botocore): pointed at files of the test's own.
+AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 S3_KEYS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any project setting or AWS file of the machine's."""
+    from retrieval_assets.lib.settings import BY_NAME
+
+    return {k: v for k, v in os.environ.items() if k not in BY_NAME and k not in AWS_FILES}
+
+
+def database_on(server_url: str, name: str) -> str:
+    """A new, empty database `name` on the server of `server_url`; its URL."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    base, query = server_url.split("?", 1)
+    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
 
 
 def free_port() -> int:
@@ -62,7 +83,12 @@ class ObjectStore:
     def storage_options(self) -> str:
         """LANCEDB_STORAGE_OPTIONS for this server (keys, endpoint, plain HTTP)."""
         return json.dumps(
-            {**S3_KEYS, "aws_endpoint": self.endpoint, "allow_http": "true", "aws_region": "us-east-1"}
+            {
+                **S3_KEYS,
+                "aws_endpoint": self.endpoint,
+                "allow_http": "true",
+                "aws_region": "us-east-1",
+            }
         )
 
     def uri(self, name: str) -> str:

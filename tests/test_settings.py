@@ -10,7 +10,6 @@ every command.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,12 +29,10 @@ from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.schema import TITAN_MODEL_ID
 from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
 from tests import PROJECT_ROOT
-from tests.services import ObjectStore, free_port
+from tests.services import AWS_FILES, ObjectStore, clean_environ, database_on, free_port
 
 NAMES = {s.name for s in SETTINGS}
 BIN = Path(sys.executable).parent
-# Read by the AWS_PROFILE check (botocore): pointed at files of the test's own.
-AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 
 
 @dataclass(frozen=True)
@@ -133,11 +130,6 @@ def test_env_example_lists_every_setting_and_nothing_else():
 
 def test_the_invalid_matrix_covers_every_setting():
     assert {bad.name for bad in INVALID} == NAMES
-
-
-def clean_environ() -> dict[str, str]:
-    """This process's environment without any project setting or AWS file of the machine's."""
-    return {k: v for k, v in os.environ.items() if k not in NAMES and k not in AWS_FILES}
 
 
 @dataclass(frozen=True)
@@ -386,15 +378,6 @@ def test_production_values_pass_the_check(tmp_path):
 
 
 # ------------------------------------------------------------- a production-like deployment
-
-
-def database_on(server_url: str, name: str) -> str:
-    """A new, empty database `name` on the server of `server_url`; its URL."""
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {name}")
-    base, query = server_url.split("?", 1)
-    return f"{base.rsplit('/', 1)[0]}/{name}?{query}"
 
 
 @pytest.fixture(scope="module")
