@@ -15,26 +15,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from retrieval_assets import cli
 from retrieval_assets.lib.columns import COARSE, FINE, TITAN, VECTOR_COLUMNS
-from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
-from retrieval_assets.lib.models import MINILM
+from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
 from retrieval_assets.lib.postgres import connect
-from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.workers import QUEUE, worker_app_args
-from tests import PROJECT_ROOT
-from tests.conftest import write_jsonl_source
-from tests.services import clean_environ, database_on, redis_server
+from tests.celery_cluster import Cluster, celery_cluster, workers
 
 # Conversations embedded whole first (which makes the columns), then new ones: the backlog.
 # Six new chunks land in about five of the sixteen shards (the test run's size); the throughput
@@ -45,122 +37,11 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class Cluster:
-    env: dict[str, str]
-    root: Path
-    workers: list[subprocess.Popen]
-    broker: str
-
-    @property
-    def lancedb(self) -> LanceDBResource:
-        return LanceDBResource(uri=self.env["LANCEDB_URI"])
-
-    def runs(self, *args: str, on_start=None) -> list[dict]:
-        """tests.celery_runs with this cluster's settings; the runs it reports."""
-        log = self.root / "runs.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.celery_runs", *args],
-            cwd=PROJECT_ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=log.open("a"),
-            text=True,
-            start_new_session=True,
-        )
-        if on_start is not None:
-            threading.Thread(target=on_start, daemon=True).start()
-        try:
-            out, _ = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError(f"runs still going after 600 s: {log.read_text()[-4000:]}")
-        assert process.returncode == 0, log.read_text()[-4000:]
-        reports = [json.loads(line) for line in out.splitlines()]
-        return [r for r in reports if "run_id" in r]
-
-
-def _wait_for_workers(broker: str, names: set[str], workers, seconds: float = 180) -> None:
-    from celery import Celery
-
-    app = Celery(broker=broker, backend=broker)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert all(w.poll() is None for w in workers), "a worker exited while starting"
-        answered = app.control.inspect(timeout=1.0).ping() or {}
-        if {name.split("@")[0] for name in answered} >= names:
-            return
-        time.sleep(1)
-    raise AssertionError(f"workers {names} did not answer in {seconds}s")
-
-
 @pytest.fixture(scope="module")
 def cluster(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("celery")
-    with redis_server(root) as broker:
-        app_db = database_on(pg_url, "celery_app")
-        ensure_schema(app_db, upgrade=True)
-        env = {
-            **clean_environ(),
-            "ST_MODEL": MINILM,
-            "DATABASE_URL": app_db,
-            "DAGSTER_POSTGRES_URL": database_on(pg_url, "celery_dagster"),
-            "CELERY_BROKER_URL": broker,
-            "RETRIEVAL_DATA_DIR": str(root / "data"),
-            "LANCEDB_URI": str(root / "lancedb"),
-            "CONVERSATIONS_SOURCE": str(root / "source"),
-            "DAGSTER_HOME": str(root / "home"),
-            "PYTHONPATH": str(PROJECT_ROOT),
-        }
-        # The instance file (Postgres storage) written once, before workers and runs read it.
-        (root / "home").mkdir()
-        os.environ["DAGSTER_POSTGRES_URL"], saved = (
-            env["DAGSTER_POSTGRES_URL"],
-            os.environ.get("DAGSTER_POSTGRES_URL"),
-        )
-        try:
-            (root / "home" / "dagster.yaml").write_text(cli.instance_yaml())
-        finally:
-            os.environ.pop("DAGSTER_POSTGRES_URL")
-            if saved is not None:
-                os.environ["DAGSTER_POSTGRES_URL"] = saved
-        # The first conversations embedded in every column (which makes the columns), then the
-        # new ones chunked: NULL in some shards of every column, the sensors' shard backfills.
-        for conversations, extra in ((FIRST, ["--with-vectors"]), (FIRST + NEW, [])):
-            write_jsonl_source(root / "source", range(conversations))
-            ingest = subprocess.run(
-                [sys.executable, "-m", "tests.celery_runs", "ingest", *extra],
-                cwd=PROJECT_ROOT,
-                env={k: v for k, v in env.items() if k != "CELERY_BROKER_URL"},
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert ingest.returncode == 0, ingest.stderr[-4000:]
-        workers = [
-            subprocess.Popen(
-                [str(BIN / "retrieval-assets"), "worker", "--name", name],
-                env=env,
-                stdout=(root / f"{name}.log").open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            for name in ("w1", "w2")
-        ]
-        try:
-            _wait_for_workers(broker, {"w1", "w2"}, workers)
-            yield Cluster(env, root, workers, broker)
-        finally:
-            for worker in workers:
-                if worker.poll() is None:
-                    os.killpg(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait()
+    with celery_cluster(pg_url, tmp_path_factory.mktemp("celery"), FIRST, NEW) as found:
+        with workers(found, 2):
+            yield found
 
 
 def chunk_ids(cluster: Cluster) -> list[str]:

@@ -601,3 +601,27 @@ def test_production_search_in_postgres_uses_titan(production: Deployment):
 def test_production_definitions_validate(production: Deployment):
     out = validate(production.env)
     assert out.returncode == 0, output_of(out)
+
+
+def test_celery_broker_url_selects_the_celery_executor(isolated: Isolated, monkeypatch):
+    """Set: every job's steps go to celery workers (tests/test_celery.py runs them); unset: the
+    multiprocess executor. Through a definitions load here and through the real tool."""
+    from retrieval_assets.definitions import build_definitions
+
+    broker = "redis://:Celery-pw-42@broker.internal:6379/0"
+    for value, executor in ((None, "multiprocess"), (broker, "celery")):
+        with monkeypatch.context() as scoped:
+            if value is not None:
+                scoped.setenv("CELERY_BROKER_URL", value)
+            build_definitions.cache_clear()
+            try:
+                jobs = build_definitions().resolve_all_job_defs()
+            finally:
+                build_definitions.cache_clear()
+            assert {job.executor_def.name for job in jobs} == {executor}
+    out = validate(tool_env(isolated.tmp, CELERY_BROKER_URL=broker))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Celery-pw-42" not in out.stdout + out.stderr
+    # the worker command needs it
+    unset = run_tool([str(BIN / "retrieval-assets"), "worker"], tool_env(isolated.tmp))
+    assert unset.returncode == 2 and "CELERY_BROKER_URL is not set" in unset.stderr
