@@ -65,20 +65,6 @@ class Cluster:
         return [r for r in reports if "run_id" in r]
 
 
-def _wait_for_workers(broker: str, names: set[str], workers, seconds: float = 180) -> None:
-    from celery import Celery
-
-    app = Celery(broker=broker, backend=broker)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert all(w.poll() is None for w in workers), "a worker exited while starting"
-        answered = app.control.inspect(timeout=1.0).ping() or {}
-        if {name.split("@")[0] for name in answered} >= names:
-            return
-        time.sleep(1)
-    raise AssertionError(f"workers {names} did not answer in {seconds}s")
-
-
 @contextmanager
 def celery_cluster(pg_url: str, root: Path, first: int, new: int) -> Iterator[Cluster]:
     """Broker, databases, instance and stores, with `first` conversations embedded in every

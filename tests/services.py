@@ -66,12 +66,17 @@ def _server(command: list[str], port: int, log: Path) -> Iterator[subprocess.Pop
         _wait_for_port(port, process, log)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen, grace: float = 15) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @dataclass(frozen=True)

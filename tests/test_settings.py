@@ -29,7 +29,14 @@ from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.schema import TITAN_MODEL_ID
 from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
 from tests import PROJECT_ROOT
-from tests.services import AWS_FILES, ObjectStore, clean_environ, database_on, free_port
+from tests.services import (
+    AWS_FILES,
+    ObjectStore,
+    clean_environ,
+    database_on,
+    free_port,
+    stop,
+)
 
 NAMES = {s.name for s in SETTINGS}
 BIN = Path(sys.executable).parent
@@ -416,12 +423,7 @@ def bedrock_endpoint(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         assert len(json.loads(answer["body"].read())["embedding"]) == 512
         yield url, root
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         log.close()
 
 
