@@ -154,17 +154,21 @@ def _resources(*keys: str) -> Iterator[Any]:
         yield resources
 
 
+def _needs_broker() -> None:
+    from retrieval_assets.lib.settings import ConfigError
+
+    if "CELERY_BROKER_URL" not in os.environ:
+        raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker runs send to")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """A celery worker for the steps runs send through CELERY_BROKER_URL (README: Running on a
     cluster), as a child process: this one holds the embedded server meanwhile, if in use."""
     import signal
     import subprocess
 
-    from retrieval_assets.lib.settings import ConfigError
     from retrieval_assets.lib.workers import QUEUE
 
-    if "CELERY_BROKER_URL" not in os.environ:
-        raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker runs send to")
     _ensure_dagster_home()
     celery = os.path.join(os.path.dirname(sys.executable), "celery")
     child = subprocess.Popen(
@@ -458,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=1, help="steps at once (each model uses every core)"
     )
     worker.add_argument("--name", default="retrieval", help="the worker's name (name@host)")
-    worker.set_defaults(fn=cmd_worker)
+    worker.set_defaults(fn=cmd_worker, precheck=_needs_broker)
     dims = sub.add_parser("titan-dims", help="migrate the Titan vector column to N dimensions")
     dims.add_argument("dims", help="256, 512 or 1024")
     dims.set_defaults(fn=cmd_titan_dims)
@@ -470,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_environment()  # before any work: a bad variable fails here, naming itself
+        if hasattr(args, "precheck"):  # what the command needs, before it starts a server
+            args.precheck()
         with _holding_postgres(args):
             return args.fn(args)
     except ConfigError as exc:

@@ -332,11 +332,16 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     for noise in ("BetaWarning", "PreviewWarning", "SupersessionWarning", "dagster.yaml"):
         assert noise not in log, (noise, log[-3000:])
 
-    # A backlog appears (the model's vectors are cleared), then the sensor is turned on.
+    # A backlog appears in two shards (their vectors are cleared), then the sensor is turned on.
     import lancedb
 
     table = lancedb.connect(str(server.data_dir / "lancedb")).open_table("conversation_chunks")
-    table.update(values_sql={"vector_coarse": "NULL"})
+    ids = table.search().select(["chunk_id"]).limit(None).to_arrow().column("chunk_id")
+    shards = sorted({chunk_id[0] for chunk_id in ids.to_pylist()})[:2]
+    table.update(
+        where=" OR ".join(f"chunk_id LIKE '{shard}%'" for shard in shards),
+        values_sql={"vector_coarse": "NULL"},
+    )
     open_page(page, server, "/locations/retrieval_assets/sensors/coarse_backlog_sensor")
     page.get_by_text("Running").first.wait_for()
     sensor_page = "/locations/retrieval_assets/sensors/coarse_backlog_sensor"
@@ -388,6 +393,7 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     shot(page, "07-sensor-launched-runs")
     # The shard runs finish; the column is whole again, shard by shard, and its checks ran
     # after them (null_backlog evaluated by a run of the backfill job).
+    assert len(run_ids) == len(shards)  # one run per shard with a backlog
     wait_for(lambda: runs_in_progress(server) == 0, 600, "the shard runs to finish", every=5)
     assert partition_stats(server, "lancedb/coarse_vectors")["numFailed"] == 0
     evaluated_in = check_runs(server, "lancedb/coarse_vectors", "null_backlog")

@@ -59,8 +59,9 @@ def stores(request, tmp_path, chunker_resource, fastembed):
         yield _ingested(tmp_path, url, lancedb, chunker_resource, fastembed)
 
 
-# The cases where writers race or die, on both kinds of LanceDB location: on object storage
-# LanceDB commits a version by a conditional put (If-None-Match), the one atomic step it has there.
+# A run worker dying mid-batch, on both kinds of LanceDB location: on object storage LanceDB
+# commits a version by a conditional put (If-None-Match), the one atomic step it has there
+# (tests/test_object_storage.py races two writers on it).
 BOTH_LOCATIONS = pytest.mark.parametrize("stores", ["directory", "s3"], indirect=True)
 
 
@@ -269,7 +270,6 @@ def test_run_worker_killed_mid_batch_then_retried(stores, tmp_path):
     )
 
 
-@BOTH_LOCATIONS
 def test_two_runs_write_the_same_lancedb_table(stores, tmp_path):
     expected = chunk_ids(stores["postgres"].database_url)
     started = time.monotonic()
