@@ -6,17 +6,13 @@ Imported by the worker's main process before it forks its pool, with the definit
 the step forkserver does, retrieval_assets.preload): each pool process starts with them in memory.
 """
 
-import os
-
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_task
 
 import retrieval_assets.preload  # noqa: F401  (the definitions, built once before the fork)
-from retrieval_assets.lib.settings import ConfigError, check_environment
-from retrieval_assets.lib.workers import worker_app_args
+from retrieval_assets.lib.settings import check_environment
+from retrieval_assets.lib.workers import broker_url, worker_app_args
 
 check_environment()
-if "CELERY_BROKER_URL" not in os.environ:
-    raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker the runs send to")
-app = make_app(worker_app_args(os.environ["CELERY_BROKER_URL"]))
+app = make_app(worker_app_args(broker_url()))
 execute_plan = create_task(app)

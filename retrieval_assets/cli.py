@@ -155,10 +155,9 @@ def _resources(*keys: str) -> Iterator[Any]:
 
 
 def _needs_broker() -> None:
-    from retrieval_assets.lib.settings import ConfigError
+    from retrieval_assets.lib.workers import broker_url
 
-    if "CELERY_BROKER_URL" not in os.environ:
-        raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker runs send to")
+    broker_url()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

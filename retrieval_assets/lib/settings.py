@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import dagster as dg
 
@@ -110,10 +110,7 @@ def _celery_broker(value: str, _: Mapping[str, str]) -> None:
         raise ValueError(f"has scheme {parts.scheme or '(none)'}://, not redis:// or amqp://")
     if not parts.hostname:
         raise ValueError("names no host")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("has a port that is not a number") from None
+    _numeric_port(parts)
 
 
 def _readable_source(value: str, _: Mapping[str, str]) -> None:
@@ -216,6 +213,10 @@ def _http_url(value: str, _: Mapping[str, str]) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("is not an http(s):// URL with a host")
+    _numeric_port(parts)
+
+
+def _numeric_port(parts: SplitResult) -> None:
     try:
         parts.port
     except ValueError:

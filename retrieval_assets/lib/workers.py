@@ -39,6 +39,17 @@ CELERY_SETTINGS = {
 QUEUE = "dagster"  # dagster-celery's default queue: what `retrieval-assets worker` consumes
 
 
+def broker_url() -> str:
+    """CELERY_BROKER_URL, which a worker cannot start without."""
+    import os
+
+    from retrieval_assets.lib.settings import ConfigError
+
+    if "CELERY_BROKER_URL" not in os.environ:
+        raise ConfigError("CELERY_BROKER_URL is not set: a worker needs the broker runs send to")
+    return os.environ["CELERY_BROKER_URL"]
+
+
 def result_backend(broker_url: str) -> str:
     """Redis keeps the step results itself; RabbitMQ returns them as messages (rpc://)."""
     return broker_url if broker_url.startswith(("redis://", "rediss://")) else "rpc://"

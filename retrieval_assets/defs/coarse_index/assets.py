@@ -230,17 +230,21 @@ def measured_before(
     # The last evaluation that completed (this run's own execution is recorded as planned, and a
     # run that died leaves one so too).
     history = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
-    record = next((r for r in history if r.event and r.event.asset_check_evaluation), None)
-    if record is None or record.event is None or record.event.asset_check_evaluation is None:
+    evaluated = (
+        (r.run_id, r.event.asset_check_evaluation)
+        for r in history
+        if r.event and r.event.asset_check_evaluation
+    )
+    run_id, last = next(evaluated, (None, None))
+    if last is None:
         return None
-    last = record.event.asset_check_evaluation
     meta = {k: v.value for k, v in last.metadata.items()}
     if meta.get("table_version") != version or meta.get("threshold") != RECALL_THRESHOLD:
         return None
     return dg.AssetCheckResult(
         passed=last.passed,
         severity=last.severity,
-        metadata={"measured_in_run": record.run_id, **last.metadata},
+        metadata={"measured_in_run": run_id, **last.metadata},
     )
 
 
