@@ -293,10 +293,14 @@ BY_NAME = {s.name: s for s in SETTINGS}
 AWS_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
 
+# A value that is a URL (it starts with a scheme): of a secret one, only the password is hidden.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _shown(setting: Setting, value: str) -> str:
     if not setting.secret:
         return repr(value)
-    if "://" in value and not value.lstrip().startswith("{"):  # a URL: hide the password only
+    if _URL.match(value):  # keep its shape, hide the password
         from retrieval_assets.lib.connection import redacted
 
         return repr(redacted(value))
@@ -311,7 +315,7 @@ def _unquoted_secret(setting: Setting, value: str, reason: str) -> str:
     from retrieval_assets.lib.connection import url_password
 
     shown = _shown(setting, value)
-    hidden = (url_password(value) if "://" in value else None) or value
+    hidden = (url_password(value) if _URL.match(value) else None) or value
     if len(hidden) > 1:
         reason = reason.replace(hidden, "***")
     return re.sub(
