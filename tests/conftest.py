@@ -151,12 +151,12 @@ def fastembed(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def sentence_transformer(fastembed):
+def sentence_transformer():
     from retrieval_assets.lib.embedders import SentenceTransformerResource
 
     # MiniLM, not the default mpnet: the tests ask behaviour, not quality, and MiniLM is 5x faster.
-    # The same data_dir as FastEmbed's: queries reuse its ONNX export of the same network.
-    resource = SentenceTransformerResource(model=MINILM, data_dir=fastembed.data_dir)
+    # Queries reuse FastEmbed's ONNX export of the same network (one per machine).
+    resource = SentenceTransformerResource(model=MINILM)
     resource.load()
     return resource
 

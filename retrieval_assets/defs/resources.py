@@ -71,9 +71,7 @@ def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
         "coarse_model": FastEmbedResource(
             model=bind("FASTEMBED_MODEL", DEFAULT_FASTEMBED_MODEL), data_dir=data_dir
         ),
-        "fine_model": SentenceTransformerResource(
-            model=bind("ST_MODEL", DEFAULT_ST_MODEL), data_dir=data_dir
-        ),
+        "fine_model": SentenceTransformerResource(model=bind("ST_MODEL", DEFAULT_ST_MODEL)),
         "titan_model": _bedrock(data_dir),
         "chunker": ChunkerResource(
             tokenizer_model=bind("ST_MODEL", DEFAULT_ST_MODEL),

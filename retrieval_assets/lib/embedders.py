@@ -203,10 +203,10 @@ class FastEmbedResource(_Embedder):
         default=DEFAULT_FASTEMBED_MODEL,
         description="A FastEmbed model name (e.g. BAAI/bge-small-en-v1.5, loaded from the local "
         "FastEmbed cache), a directory holding model.onnx, or a Hugging Face model available "
-        "offline (exported to ONNX once into data_dir).",
+        "offline (exported to ONNX once per machine, into the model cache).",
     )
     data_dir: str = Field(
-        default=str(DEFAULT_DATA_DIR), description="Where ONNX exports and FastEmbed's cache live."
+        default=str(DEFAULT_DATA_DIR), description="Where FastEmbed's cache lives."
     )
     threads: int | None = Field(default=None, description="ONNX Runtime threads (None: all).")
     # Measured on 2 cores: 8-16 texts per call beat both 1 and 64 (tests/benchmarks).
@@ -266,9 +266,6 @@ class SentenceTransformerResource(_Embedder):
         "faster for one short text); used only when the model is a transformer with mean "
         "pooling and the export matches PyTorch on probe texts, else queries use PyTorch.",
     )
-    data_dir: str = Field(
-        default=str(DEFAULT_DATA_DIR), description="Where the ONNX export for queries is kept."
-    )
 
     _model: Any = PrivateAttr(default=None)
 
@@ -292,7 +289,7 @@ class SentenceTransformerResource(_Embedder):
             _log.info("%s: queries use PyTorch (modules %s)", self.label, modules)
             return None
         try:
-            onnx_dir = export_onnx(self.model, Path(self.data_dir) / "onnx")
+            onnx_dir = export_onnx(self.model)
             candidate = _load_custom_onnx(self.model, onnx_dir, self.query_threads)
             probes = ["a short query", "how do I rotate the access keys of an IAM user " * 3]
             onnx = np.asarray(list(candidate.embed(probes)), dtype=np.float32)
@@ -357,7 +354,7 @@ def _load_fastembed(model: str, data_dir: Path, threads: int | None):
     onnx_dir = Path(model).expanduser()
     if not (onnx_dir / "model.onnx").is_file():
         # A model shipped in an installed package is exported locally rather than downloaded.
-        onnx_dir = export_onnx(model, data_dir / "onnx")
+        onnx_dir = export_onnx(model)
     return _load_custom_onnx(model, onnx_dir, threads)
 
 

