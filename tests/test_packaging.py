@@ -13,6 +13,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from retrieval_assets.lib.paths import MODEL_CACHE_DIR
 from retrieval_assets.lib.schema import head_revision
 from tests import PROJECT_ROOT
 
@@ -75,8 +76,14 @@ def test_the_wheel_runs_the_graph_outside_the_checkout(tmp_path):
         for k, v in os.environ.items()
         if not k.startswith(("DAGSTER_", "RETRIEVAL_", "DATABASE_", "LANCEDB_", "PYTHON"))
     }
-    env |= {"HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
-    env.pop("ST_MODEL", None)  # the default fine model, joined from its packages into this HOME
+    # The user's own data directory; the machine's model cache (joined models, ONNX exports:
+    # tests/lib/test_embedders.py joins a split model into an empty cache).
+    env |= {
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CACHE_HOME": str(MODEL_CACHE_DIR.parents[1]),
+    }
+    env.pop("ST_MODEL", None)  # the default fine model, all-mpnet-base-v2
     env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
