@@ -36,8 +36,8 @@ def run_online() -> None:
     if url:
         _migrate(url)
         return
+    from retrieval_assets.lib.embedded_postgres import hold_embedded
     from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
-    from retrieval_assets.lib.postgres import hold_embedded
 
     # `alembic` run by hand on the embedded default: up while it migrates, stopped after
     # unless a command (the UI, a run) holds it too.

@@ -134,7 +134,7 @@ def _end_session(sid: int, grace: float = 60.0) -> None:
 
 def cmd_stop_db(_: argparse.Namespace) -> int:
     """Stop the embedded PostgreSQL (one left running after a crash, say)."""
-    from retrieval_assets.lib.postgres import stop_embedded
+    from retrieval_assets.lib.embedded_postgres import stop_embedded
     from retrieval_assets.lib.settings import data_dir
 
     stopped = stop_embedded(data_dir())
@@ -265,7 +265,8 @@ def _summarize(result, started: float) -> None:
 def cmd_migrate(_: argparse.Namespace) -> int:
     """`alembic upgrade head` on the configured database, from the package's own migrations
     (an installed wheel has no alembic configuration file to run `alembic` from)."""
-    from retrieval_assets.lib.postgres import embedded_url, reaching
+    from retrieval_assets.lib.embedded_postgres import embedded_url
+    from retrieval_assets.lib.postgres import reaching
     from retrieval_assets.lib.schema import current_revision, ensure_schema
     from retrieval_assets.lib.settings import data_dir, is_set
 
@@ -407,7 +408,7 @@ def _holding_postgres(args: argparse.Namespace) -> Iterator[None]:
     if is_set("DATABASE_URL") or not uses_postgres or not getattr(args, "holds_postgres", True):
         yield
         return
-    from retrieval_assets.lib.postgres import hold_embedded
+    from retrieval_assets.lib.embedded_postgres import hold_embedded
 
     with hold_embedded(data_dir()):
         yield

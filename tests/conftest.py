@@ -10,9 +10,11 @@ import pytest
 from retrieval_assets.defs.vectors.columns import ALL_SHARDS, column_definitions
 from retrieval_assets.lib.chunking import ChunkerResource
 from retrieval_assets.lib.columns import COARSE, FINE, LOCAL_MODELS_POOL, TITAN, VectorColumn
+from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.embedded_postgres import hold_embedded, stop_embedded
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.models import MINILM
-from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded, stop_embedded
+from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.sources import ConversationSourceResource
 from tests.services import ObjectStore, s3_server

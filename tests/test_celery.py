@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from retrieval_assets.lib.columns import COARSE, FINE, TITAN, VECTOR_COLUMNS
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.workers import QUEUE, worker_app_args
 from tests.celery_cluster import Cluster, celery_cluster, workers
 

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 from alembic import command
 
+from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.embedded_postgres import hold_embedded
 from retrieval_assets.lib.paths import MIGRATIONS_DIR
-from retrieval_assets.lib.postgres import connect, hold_embedded
 from retrieval_assets.lib.schema import (
     SchemaNotReady,
     alembic_config,

@@ -16,8 +16,8 @@ import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.lib.bedrock_emulator import LocalBedrock
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.schema import ensure_schema
 from tests.conftest import ALL_SHARDS, coarse_vectors, titan_vectors
 

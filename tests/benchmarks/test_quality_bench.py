@@ -104,7 +104,7 @@ def collect(graph: Graph, questions: list[Question], monkeypatch) -> dict[str, l
     """Per question: each store's dense and lexical lists (HYBRID_CANDIDATES deep) and the
     Postgres hybrid's top 10 (fused in SQL at the shipped weight)."""
     from retrieval_assets.cli import _resources
-    from retrieval_assets.lib.postgres import hold_embedded
+    from retrieval_assets.lib.embedded_postgres import hold_embedded
     from retrieval_assets.lib.search_snapshot import current
 
     for key, value in graph.env.items():

@@ -15,9 +15,10 @@ import pytest
 
 from retrieval_assets.lib.bedrock import BedrockResource
 from retrieval_assets.lib.bedrock_emulator import projection
+from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.embedded_postgres import hold_embedded
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
-from retrieval_assets.lib.postgres import connect, hold_embedded
 from retrieval_assets.lib.schema import (
     EMBEDDING_TYPE,
     HNSW_INDEX,

@@ -14,8 +14,8 @@ import pytest
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.vectors.columns import COLUMN_TAG, SHARDS
 from retrieval_assets.lib.columns import COARSE
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import LanceDBResource
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.titan import embed_pending
 from retrieval_assets.lib.vectors import count_nulls, fill_nulls
 from tests.conftest import (
@@ -228,7 +228,7 @@ KILLED_TITAN_RUN = textwrap.dedent(
     """
     import sys
     from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
-    from retrieval_assets.lib.postgres import connect
+    from retrieval_assets.lib.connection import connect
     from retrieval_assets.lib.titan import embed_pending, ensure_titan_model
 
     bedrock = BedrockResource(use_local_endpoint=True, data_dir=sys.argv[2],

@@ -9,8 +9,8 @@ import dagster as dg
 import lancedb
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
-from retrieval_assets.lib.postgres import connect
 from tests.conftest import ALL_SHARDS, coarse_vectors
 
 

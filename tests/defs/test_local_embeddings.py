@@ -20,11 +20,11 @@ from retrieval_assets.defs.coarse_index.assets import (
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.vectors.columns import column_definitions
 from retrieval_assets.lib.columns import COARSE, FINE
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.embedders import SentenceTransformerResource
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, chunk_schema
 from retrieval_assets.lib.lexical import ensure_lancedb_index
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import (
     RESULT_COLUMNS,
     coarse_search,

@@ -18,8 +18,8 @@ import lancedb
 import psycopg
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE
-from retrieval_assets.lib.postgres import connect
 from tests.defs.test_conversations import checks, metadata
 from tests.test_security import supabase_like  # noqa: F401 - the fixture
 

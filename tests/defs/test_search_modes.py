@@ -18,8 +18,8 @@ from retrieval_assets.defs.lexical.assets import (
     postgres_lexical_covers,
     postgres_lexical_index,
 )
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import LanceDBResource
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import (
     HYBRID_CANDIDATES,
     LEXICAL_WEIGHT,

@@ -9,8 +9,8 @@ import pytest
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.lib.bedrock import LocalFaults
 from retrieval_assets.lib.bedrock_emulator import projection
+from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
-from retrieval_assets.lib.postgres import connect
 from retrieval_assets.lib.search import postgres_match
 from retrieval_assets.lib.titan import (
     TitanSchemaMismatch,

@@ -428,7 +428,7 @@ def test_ctrl_c_stops_the_ui_and_the_embedded_server_even_when_started_in_the_ba
     then ignores SIGTERM too unless `retrieval-assets ui` gives it the default handlers."""
     import psutil
 
-    from retrieval_assets.lib.postgres import _running_url
+    from retrieval_assets.lib.embedded_postgres import _running_url
 
     ui = Server(tmp_path, sigint_ignored=True)
     try:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrieval_assets.lib.postgres import _running_url
+from retrieval_assets.lib.embedded_postgres import _running_url
 
 RUNS = 5
 

@@ -20,9 +20,11 @@ import pytest
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.lib.bedrock import BedrockResource, LocalFaults
 from retrieval_assets.lib.columns import COARSE
+from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.embedded_postgres import hold_embedded
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, LanceDBResource
 from retrieval_assets.lib.models import MINILM
-from retrieval_assets.lib.postgres import PostgresResource, connect, hold_embedded
+from retrieval_assets.lib.postgres import PostgresResource
 from retrieval_assets.lib.schema import ensure_schema
 from retrieval_assets.lib.sources import ConversationSourceResource
 from tests import PROJECT_ROOT

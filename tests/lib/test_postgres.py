@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_assets.lib.postgres import connect, embedded_url, hold_embedded, stop_embedded
+from retrieval_assets.lib.connection import connect
+from retrieval_assets.lib.embedded_postgres import embedded_url, hold_embedded, stop_embedded
 
 
 def running(data_dir: Path) -> bool:
-    from retrieval_assets.lib.postgres import _running_url
+    from retrieval_assets.lib.embedded_postgres import _running_url
 
     return _running_url(data_dir / "pg") is not None
 
@@ -51,7 +52,8 @@ def test_a_failed_start_names_the_directory_and_the_next_call_retries(tmp_path):
 STEP = textwrap.dedent(
     """
     import sys
-    from retrieval_assets.lib.postgres import connect, embedded_url
+    from retrieval_assets.lib.connection import connect
+    from retrieval_assets.lib.embedded_postgres import embedded_url
     with connect(embedded_url(sys.argv[1])) as conn:
         conn.execute("SELECT 1")
     """
@@ -75,7 +77,7 @@ def test_the_last_holder_stops_the_server_and_a_dead_holder_is_not_waited_for(tm
     hold_in_child = textwrap.dedent(
         """
         import os, sys, time
-        from retrieval_assets.lib.postgres import hold_embedded
+        from retrieval_assets.lib.embedded_postgres import hold_embedded
         with hold_embedded(sys.argv[1]):
             print("held", flush=True)
             if sys.argv[2] == "die":
@@ -103,7 +105,8 @@ def test_the_last_holder_stops_the_server_and_a_dead_holder_is_not_waited_for(tm
 STRESS = textwrap.dedent(
     """
     import sys, time
-    from retrieval_assets.lib.postgres import connect, embedded_url
+    from retrieval_assets.lib.connection import connect
+    from retrieval_assets.lib.embedded_postgres import embedded_url
     data_dir, rounds = sys.argv[1], int(sys.argv[2])
     for i in range(rounds):
         with connect(embedded_url(data_dir)) as conn:
