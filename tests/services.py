@@ -18,7 +18,7 @@ from pathlib import Path
 
 # Read by the AWS_PROFILE check (botocore): pointed at files of the test's own.
 AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
-S3_KEYS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "test-secret"}
+S3_KEYS = {"aws_access_key_id": "test-key", "aws_secret_access_key": "s3-planted-secret-4d5e6f"}
 
 
 def clean_environ() -> dict[str, str]:

@@ -32,6 +32,7 @@ from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environme
 from tests import PROJECT_ROOT
 from tests.services import (
     AWS_FILES,
+    S3_KEYS,
     ObjectStore,
     clean_environ,
     database_on,
@@ -441,9 +442,14 @@ def production(pg_url: str, bedrock_endpoint, object_store: ObjectStore) -> Depl
     """Every setting at a production-like value (LanceDB on an S3-compatible server); the schema
     migrated the production way (Alembic, before anything runs); then `retrieval-assets run`."""
     endpoint, root = bedrock_endpoint
+    # The server trusts local connections: a password in the URL is accepted, and planted.
+    database_url = database_on(pg_url, "prod_test").replace(
+        "postgres:@", f"postgres:{DB_PASSWORD}@"
+    )
+    assert DB_PASSWORD in database_url
     settings = production_settings(
         root,
-        database_on(pg_url, "prod_test"),
+        database_url,
         database_on(pg_url, "prod_dagster"),
         endpoint,
         object_store,
@@ -467,10 +473,23 @@ def output_of(out: subprocess.CompletedProcess) -> str:
     return f"exit {out.returncode}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
 
 
+DB_PASSWORD = "planted-db-password-77aa"
+# Every secret the production deployment holds: AWS keys, the database password, LanceDB's keys.
+SECRETS = (
+    "AKIAPRODTESTKEY00001",
+    "prod-test-secret-5e6f7a8b",
+    "prod-test-session-1c2d3e",
+    DB_PASSWORD,
+    S3_KEYS["aws_secret_access_key"],
+)
+
+
 def assert_no_secret(*texts: str) -> None:
     for text in texts:
-        for secret in ("prod-test-secret-5e6f7a8b", "prod-test-session-1c2d3e"):
-            assert secret not in text
+        for secret in SECRETS:
+            assert secret not in text, (
+                f"a secret leaked: ...{text[text.index(secret) - 200 :][:400]}"
+            )
 
 
 @pytest.mark.slow
@@ -483,6 +502,39 @@ def test_production_run_succeeds(production: Deployment):
     with psycopg.connect(production.settings["DAGSTER_POSTGRES_URL"]) as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] >= 1
     assert not list(Path(production.env["DAGSTER_HOME"]).rglob("*.db"))
+
+
+@pytest.mark.slow
+def test_production_secrets_never_reach_logs_metadata_or_the_instance(
+    production: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """What the run wrote (its output, the instance's run config, tags, event log messages and
+    materialization metadata, the files under DAGSTER_HOME) holds none of the secrets."""
+    seen = [production.run.stdout, production.run.stderr]
+    home = Path(production.env["DAGSTER_HOME"])
+    # The instance reads its Postgres storage from the environment, as the run did.
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", production.settings["DAGSTER_POSTGRES_URL"])
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = instance.get_runs()
+        assert records
+        for record in records:
+            seen.append(json.dumps(record.run_config, default=str))
+            seen.append(json.dumps(record.tags))
+            for entry in instance.all_logs(record.run_id):
+                seen.append(entry.message or "")
+                event = entry.dagster_event
+                if event is not None and event.is_step_materialization:
+                    metadata = event.step_materialization_data.materialization.metadata
+                    seen.extend(str(v.value) for v in metadata.values())
+    seen.extend(
+        p.read_text(errors="replace")
+        for p in home.rglob("*")
+        if p.is_file() and p.suffix in (".out", ".err", ".complete", ".log", ".yaml")
+    )
+    # The scan saw the runs' metadata: the Titan vectors came from "Amazon Bedrock" (the endpoint
+    # stood in for it under the planted credentials).
+    assert any(t == "Amazon Bedrock" for t in seen) and any("titan batch" in t for t in seen)
+    assert_no_secret(*seen)
 
 
 @pytest.mark.slow
