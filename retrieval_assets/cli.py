@@ -481,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`search ... | head -3`): stop as a Unix tool killed by SIGPIPE does,
+        # quietly; stdout goes to /dev/null so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         # Resources set up through Dagster arrive wrapped in its errors: show the project's own
         # (which names the variable and the fix), not the wrapper and its traceback.

@@ -635,6 +635,24 @@ def test_production_search_in_lancedb(production: Deployment):
 
 
 @pytest.mark.slow
+def test_search_into_a_closed_pipe_stops_quietly(production: Deployment):
+    """`search ... | head -1`: the reader is gone before the results are written (here before the
+    models are even loaded): no error message, the exit status of a tool SIGPIPE stopped."""
+    found = subprocess.Popen(
+        [str(BIN / "retrieval-assets"), "search", QUERY],
+        env=production.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert found.stdout is not None
+    found.stdout.close()
+    _, err = found.communicate(timeout=300)
+    assert found.returncode == 141, err[-3000:]
+    assert "error" not in err.lower() and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
 def test_production_search_in_postgres_uses_titan(production: Deployment):
     out = search(production, "--store", "postgres", "--mode", "dense")
     assert out.returncode == 0, output_of(out)
