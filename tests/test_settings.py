@@ -25,7 +25,7 @@ import pytest
 from retrieval_assets import cli
 from retrieval_assets.defs.resources import resources_from_environment
 from retrieval_assets.lib.models import local_model_dir
-from retrieval_assets.lib.onnx_export import EXPORTS_DIR
+from retrieval_assets.lib.onnx_export import EXPORTS_DIR, export_folder
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.schema import TITAN_MODEL_ID
 from retrieval_assets.lib.settings import SETTINGS, ConfigError, check_environment
@@ -592,7 +592,7 @@ def test_production_data_follows_every_setting(production: Deployment):
     assert not (data_dir / "pg").exists()  # no embedded server
     # The model exports are the machine's (one per model), not the data directory's.
     assert not (data_dir / "onnx").exists()
-    assert list(EXPORTS_DIR.glob("*/model.onnx"))
+    assert (EXPORTS_DIR / export_folder(MODEL_DIR) / "model.onnx").is_file()
 
 
 @pytest.mark.slow
