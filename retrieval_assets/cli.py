@@ -297,11 +297,14 @@ def _status(postgres: Any, lancedb: Any) -> int:
         f"{missing} without a Titan vector"
     )
     with lancedb.get_connection() as db:
-        print(f"lancedb:  {lancedb.chunks_table(db).count_rows()} chunks at {lancedb.location}")
+        table = lancedb.existing_chunks_table(db)
+        rows = 0 if table is None else table.count_rows()
+        print(f"lancedb:  {rows} chunks at {lancedb.location}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from retrieval_assets.lib.columns import COARSE, FINE
     from retrieval_assets.lib.search import postgres_search, search
     from retrieval_assets.lib.search_snapshot import current
 
@@ -323,8 +326,21 @@ def cmd_search(args: argparse.Namespace) -> int:
             _resources("lancedb", "coarse_model", "fine_model") as resources,
             resources.lancedb.get_connection() as db,
         ):
+            table = resources.lancedb.existing_chunks_table(db)
+            # Before the graph has run: say so now, not after loading the models.
+            needed = () if args.mode == "lexical" else (COARSE.column, FINE.column)
+            missing = (
+                ["chunks"] if table is None else [c for c in needed if c not in table.schema.names]
+            )
+            if missing:
+                print(
+                    f"nothing to search yet: LanceDB at {resources.lancedb.location} has no "
+                    f"{' or '.join(missing)} (run `retrieval-assets run` first)",
+                    file=sys.stderr,
+                )
+                return 1
             hits = search(
-                resources.lancedb.chunks_table(db),
+                table,
                 resources.coarse_model,
                 resources.fine_model,
                 args.query,

@@ -634,12 +634,12 @@ def test_production_search_in_lancedb(production: Deployment):
     assert "fever" in found[0][1].lower(), out.stdout
 
 
-@pytest.mark.slow
 def test_search_into_a_closed_pipe_stops_quietly(production: Deployment):
-    """`search ... | head -1`: the reader is gone before the results are written (here before the
-    models are even loaded): no error message, the exit status of a tool SIGPIPE stopped."""
+    """`search ... | head -1`: the reader is gone before the results are written (here before they
+    are found): no error message, the exit status of a tool SIGPIPE stopped. Lexical, so
+    that no model is loaded for it."""
     found = subprocess.Popen(
-        [str(BIN / "retrieval-assets"), "search", QUERY],
+        [str(BIN / "retrieval-assets"), "search", "--mode", "lexical", QUERY],
         env=production.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -650,6 +650,20 @@ def test_search_into_a_closed_pipe_stops_quietly(production: Deployment):
     _, err = found.communicate(timeout=300)
     assert found.returncode == 141, err[-3000:]
     assert "error" not in err.lower() and "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "lexical"])
+def test_a_search_before_any_run_says_so_and_creates_nothing(tmp_path, mode):
+    """A new user's first command may be a search: it says there is nothing yet (before loading
+    a model), and leaves the store as it found it (no empty chunk table)."""
+    env = tool_env(tmp_path)
+    out = run_tool([str(BIN / "retrieval-assets"), "search", "--mode", mode, QUERY], env)
+    assert out.returncode == 1, output_of(out)
+    lancedb_dir = tmp_path / "data" / "lancedb"
+    assert f"nothing to search yet: LanceDB at {lancedb_dir} has no chunks" in out.stderr
+    assert "run `retrieval-assets run` first" in out.stderr
+    assert "Traceback" not in out.stderr and not out.stdout
+    assert not list(lancedb_dir.glob("*.lance"))
 
 
 @pytest.mark.slow

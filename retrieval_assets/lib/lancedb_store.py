@@ -112,9 +112,15 @@ class LanceDBResource(dg.ConfigurableResource):
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
         """The chunk table, created empty on first use (later it also holds vector columns)."""
+        return self.existing_chunks_table(db) or db.create_table(
+            CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True
+        )
+
+    def existing_chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table | None:
+        """The chunk table, or None before the graph has written it (readers create nothing)."""
         if CHUNKS_TABLE in db.list_tables().tables:
             return db.open_table(CHUNKS_TABLE)
-        return db.create_table(CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True)
+        return None
 
 
 # A per-row version for optimistic concurrency: every write that rewrites whole rows bumps it, and
