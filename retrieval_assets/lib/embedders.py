@@ -38,7 +38,7 @@ from retrieval_assets.lib.models import (
     locate_fastembed_model,
     sentence_transformers_label,
 )
-from retrieval_assets.lib.onnx_export import export_onnx, slug
+from retrieval_assets.lib.onnx_export import export_onnx, query_check_file, slug
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
 
 QUERY_CACHE_SIZE = 1_000
@@ -275,9 +275,33 @@ class SentenceTransformerResource(_Embedder):
             self._load()
 
     def _load_query_model(self) -> Any:
-        """FastEmbed over this model's ONNX export, if it computes the same vectors."""
+        """FastEmbed over this model's ONNX export, if it computes the same vectors. That is
+        checked once per export, against PyTorch, and the verdict kept beside it: later
+        processes (a search, a check step) load the export alone, not PyTorch and the model."""
         if not self.onnx_queries:
             return None
+        verdict_file = query_check_file(self.model)
+        try:
+            known = _read_json(verdict_file).get("onnx_matches_pytorch")
+        except (OSError, ValueError):  # unreadable: checked again, and written anew
+            known = None
+        if known is not None:
+            if not known:
+                return None
+            return _load_custom_onnx(self.model, export_onnx(self.model), self.query_threads)
+        candidate, verdict = self._checked_onnx_query_model()
+        if verdict is not None:  # not after an error, which may not happen again
+            try:
+                verdict_file.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(
+                    verdict_file, {"onnx_matches_pytorch": candidate is not None, **verdict}
+                )
+            except OSError as exc:  # a read-only cache: the next process checks again
+                _log.warning("%s: could not record %s (%s)", self.label, verdict_file, exc)
+        return candidate
+
+    def _checked_onnx_query_model(self) -> tuple[Any, dict[str, Any] | None]:
+        """(the ONNX query model or None, the verdict's grounds or None after an error)."""
         self.load()
         modules = [type(m).__name__ for m in self._model]
         pooling = getattr(self._model[1], "pooling_mode", None) if len(modules) > 1 else None
@@ -287,7 +311,7 @@ class SentenceTransformerResource(_Embedder):
             or set(modules[2:]) - {"Normalize"}
         ):
             _log.info("%s: queries use PyTorch (modules %s)", self.label, modules)
-            return None
+            return None, {"modules": modules, "pooling": pooling}
         try:
             onnx_dir = export_onnx(self.model)
             candidate = _load_custom_onnx(self.model, onnx_dir, self.query_threads)
@@ -296,13 +320,13 @@ class SentenceTransformerResource(_Embedder):
             agree = float(np.min(np.sum(onnx * self._encode(probes), axis=1)))
         except Exception as exc:  # an export problem only costs speed
             _log.warning("%s: ONNX export for queries failed (%s); using PyTorch", self.label, exc)
-            return None
+            return None, None
         if agree < 0.9999:
             _log.warning(
                 "%s: ONNX query vectors differ (cos %.5f); using PyTorch", self.label, agree
             )
-            return None
-        return candidate
+            return None, {"min_cosine": agree}
+        return candidate, {"min_cosine": agree}
 
     def _load(self) -> None:
         if self._model is not None:
@@ -381,3 +405,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Whole or not at all: concurrent readers never see a part."""
+    import json
+    import os
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)

@@ -45,6 +45,12 @@ def export_folder(model: str) -> str:
     return f"{slug(model)}-{digest.hexdigest()[:12]}"
 
 
+def query_check_file(model: str, exports_dir: Path = EXPORTS_DIR) -> Path:
+    """Where the verdict on `model`'s export for queries (does it compute PyTorch's vectors?) is
+    kept, beside the export: found once, it holds as long as the export's inputs do."""
+    return exports_dir / f"{export_folder(model)}.queries.json"
+
+
 def export_onnx(model: str, exports_dir: Path = EXPORTS_DIR) -> Path:
     """Export `model` (offline) to ONNX for FastEmbed, once; later calls reuse the export.
 

@@ -124,6 +124,38 @@ def test_fine_queries_go_through_onnx_only_when_it_matches_pytorch(sentence_tran
     assert torch_only._query_model is False
 
 
+def test_the_onnx_verdict_is_kept_so_later_processes_load_no_pytorch_for_queries(
+    sentence_transformer, tmp_path
+):
+    """A search or check process embeds its queries through the export without loading the
+    PyTorch model again to compare, while the verdict recorded beside the export holds; a
+    recorded "differs" keeps queries on PyTorch."""
+    import shutil
+
+    from retrieval_assets.lib.models import local_model_dir
+    from retrieval_assets.lib.onnx_export import query_check_file
+
+    query = "which index makes sorting faster"
+    exact = sentence_transformer._encode([query])[0]
+    sentence_transformer.embed_query(query, alongside=True)  # checked once (or already)
+    verdict = json.loads(query_check_file(sentence_transformer.model).read_text())
+    assert verdict["onnx_matches_pytorch"] is True and verdict["min_cosine"] > 0.9999
+    later = SentenceTransformerResource(model=sentence_transformer.model)
+    assert float(np.dot(later.embed_query(query, alongside=True), exact)) > 0.9999
+    assert type(later._query_model).__name__ == "TextEmbedding"
+    assert later._model is None  # PyTorch's model was never loaded
+
+    copy = str(shutil.copytree(local_model_dir(sentence_transformer.model), tmp_path / "m"))
+    recorded = query_check_file(copy)
+    recorded.write_text(json.dumps({"onnx_matches_pytorch": False}))
+    try:
+        differs = SentenceTransformerResource(model=copy)
+        assert float(np.dot(differs.embed_query(query, alongside=True), exact)) > 0.99999
+        assert differs._query_model is False and differs._model is not None
+    finally:
+        recorded.unlink()  # the machine's cache keeps no verdict on a copy that is gone
+
+
 def test_a_model_split_over_packages_is_joined_once_and_a_missing_part_named(tmp_path):
     from retrieval_assets.lib.models import SPLIT_MODELS, SplitModel, join_split_model
 
