@@ -199,6 +199,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_run(_: argparse.Namespace) -> int:
     _ensure_dagster_home()
+    if not os.environ.get("CELERY_BROKER_URL"):  # else the steps run on celery workers
+        from retrieval_assets.lib import step_server
+
+        step_server.start_early()
     import dagster as dg
 
     from retrieval_assets.defs.vectors.columns import ALL_SHARDS

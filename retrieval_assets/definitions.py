@@ -10,6 +10,7 @@ import dagster as dg
 
 from retrieval_assets import defs as defs_folder
 from retrieval_assets.defs.automation.schedules import INGESTION_FRESHNESS
+from retrieval_assets.lib import step_server
 from retrieval_assets.lib.settings import check_environment, is_set
 from retrieval_assets.lib.workers import celery_executor
 
@@ -40,7 +41,7 @@ warnings.filterwarnings(
 EXECUTOR = dg.multiprocess_executor.configured(
     {
         "max_concurrent": 2,  # two cores here: one step per core; raise it on bigger machines
-        "start_method": {"forkserver": {"preload_modules": ["retrieval_assets.preload"]}},
+        "start_method": {"forkserver": {"preload_modules": step_server.PRELOAD}},
     }
 )
 
