@@ -517,5 +517,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The `retrieval-assets` command: main(), then an exit without the interpreter's teardown.
+
+    A process that imported Dagster, LanceDB and the models spent over 3 s after its work was
+    done in Py_FinalizeEx's garbage collection of modules about to vanish anyway (seen with gdb),
+    on every command. The exit handlers still run first (logging, multiprocessing, weakref
+    finalizers such as temporary directories), and the output is flushed; an exception leaves
+    through the normal path, with its traceback."""
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, or a closed stream: nothing to keep
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -666,6 +666,23 @@ def test_a_search_before_any_run_says_so_and_creates_nothing(tmp_path, mode):
     assert not list(lancedb_dir.glob("*.lance"))
 
 
+def test_the_command_exits_with_its_status_after_its_exit_handlers_and_output(tmp_path):
+    """The command skips the interpreter's teardown (cli.console_main), not the exit handlers
+    or buffered output: a handler's print to a pipe (block-buffered) arrives, and the status
+    is the command's."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('exit handlers ran'))\n"
+        "from retrieval_assets.cli import console_main\n"
+        "sys.argv[1:] = ['search', '--mode', 'lexical', 'anything']\n"
+        "console_main()\n"
+    )
+    out = run_tool([sys.executable, "-c", code], tool_env(tmp_path))
+    assert out.returncode == 1, output_of(out)
+    assert "nothing to search yet" in out.stderr
+    assert out.stdout == "exit handlers ran\n"
+
+
 @pytest.mark.slow
 def test_production_search_in_postgres_uses_titan(production: Deployment):
     out = search(production, "--store", "postgres", "--mode", "dense")
