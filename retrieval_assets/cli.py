@@ -198,8 +198,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(_: argparse.Namespace) -> int:
+    from retrieval_assets.lib.settings import is_set
+
     _ensure_dagster_home()
-    if not os.environ.get("CELERY_BROKER_URL"):  # else the steps run on celery workers
+    if not is_set("CELERY_BROKER_URL"):  # else the steps run on celery workers
         from retrieval_assets.lib import step_server
 
         step_server.start_early()

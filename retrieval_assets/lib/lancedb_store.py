@@ -112,9 +112,10 @@ class LanceDBResource(dg.ConfigurableResource):
 
     def chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table:
         """The chunk table, created empty on first use (later it also holds vector columns)."""
-        return self.existing_chunks_table(db) or db.create_table(
-            CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True
-        )
+        table = self.existing_chunks_table(db)
+        if table is None:  # not `or`: a table's truth is its row count, a scan
+            table = db.create_table(CHUNKS_TABLE, schema=chunk_schema(), exist_ok=True)
+        return table
 
     def existing_chunks_table(self, db: lancedb.DBConnection) -> lancedb.table.Table | None:
         """The chunk table, or None before the graph has written it (readers create nothing)."""
