@@ -17,6 +17,7 @@ cache for query embeddings.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from retrieval_assets.lib.models import (
     sentence_transformers_label,
 )
 from retrieval_assets.lib.onnx_export import export_onnx, query_check_file, slug
-from retrieval_assets.lib.paths import DEFAULT_DATA_DIR
+from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, write_text_atomically
 
 QUERY_CACHE_SIZE = 1_000
 _log = logging.getLogger(__name__)
@@ -293,9 +294,8 @@ class SentenceTransformerResource(_Embedder):
         if verdict is not None:  # not after an error, which may not happen again
             try:
                 verdict_file.parent.mkdir(parents=True, exist_ok=True)
-                _write_json(
-                    verdict_file, {"onnx_matches_pytorch": candidate is not None, **verdict}
-                )
+                record = {"onnx_matches_pytorch": candidate is not None, **verdict}
+                write_text_atomically(verdict_file, json.dumps(record))
             except OSError as exc:  # a read-only cache: the next process checks again
                 _log.warning("%s: could not record %s (%s)", self.label, verdict_file, exc)
         return candidate
@@ -402,16 +402,4 @@ def _load_custom_onnx(model: str, onnx_dir: Path, threads: int | None):
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    """Whole or not at all: concurrent readers never see a part."""
-    import json
-    import os
-
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(value))
-    partial.replace(path)

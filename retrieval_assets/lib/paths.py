@@ -27,3 +27,12 @@ DEFAULT_DATA_DIR = (
 MODEL_CACHE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrieval_assets" / "models"
 )
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole or not at all: readers, in any process, never see a part."""
+    import uuid
+
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import threading
 import time
@@ -37,6 +36,7 @@ import pyarrow as pa
 from filelock import FileLock
 
 from retrieval_assets.lib.columns import COARSE, FINE
+from retrieval_assets.lib.paths import write_text_atomically
 from retrieval_assets.lib.vectors import column_dims
 
 CURRENT = "CURRENT"
@@ -343,9 +343,7 @@ def vector_matrix(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def publish(root: Path, path: Path) -> None:
     """Point CURRENT at `path` (an atomic rename), then remove the snapshots it replaced."""
-    pointer = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}"
-    pointer.write_text(path.name)
-    os.replace(pointer, root / CURRENT)
+    write_text_atomically(root / CURRENT, path.name)
     for old in root.iterdir():
         if old.is_dir() and old != path:  # builds are serialized: nothing else is being written
             shutil.rmtree(old, ignore_errors=True)
