@@ -10,19 +10,22 @@ import dagster as dg
 
 from retrieval_assets import defs as defs_folder
 from retrieval_assets.defs.automation.schedules import INGESTION_FRESHNESS
+from retrieval_assets.defs.checked import runs_alone
 from retrieval_assets.lib import step_server
 from retrieval_assets.lib.settings import check_environment, is_set
 from retrieval_assets.lib.workers import celery_executor
 
 
 def consistency_checks(loaded: dg.Definitions) -> dg.AssetSelection:
-    """Every check that runs on its own (an @asset_check or @multi_asset_check): they read the
-    stores and materialize nothing. Checks computed inside a materialization come with their
-    asset's runs. Selected by that rule, so a new check joins the nightly job by being one."""
+    """Every check that can run without its asset (a standalone check, or one of a subsettable
+    asset's: defs/checked.py): they read the stores and materialize nothing. Checks computed
+    from a materialization's own work come with their asset's runs. Selected by that rule, so a
+    new check joins the nightly job by being one."""
     found = [
-        d
+        key
         for d in [*(loaded.assets or []), *(loaded.asset_checks or [])]
-        if isinstance(d, dg.AssetChecksDefinition)
+        if isinstance(d, dg.AssetsDefinition) and runs_alone(d)
+        for key in d.check_keys
     ]
     return dg.AssetSelection.checks(*found)
 

@@ -76,9 +76,6 @@ COARSE_DEFS, FINE_DEFS, TITAN_DEFS = (column_definitions(c) for c in (COARSE, FI
 coarse_vectors, fine_vectors, titan_vectors = (
     next(iter(d.assets or [])) for d in (COARSE_DEFS, FINE_DEFS, TITAN_DEFS)
 )
-coarse_checks, fine_checks, titan_checks = (
-    next(iter(d.asset_checks or [])) for d in (COARSE_DEFS, FINE_DEFS, TITAN_DEFS)
-)
 __all__ = ["ALL_SHARDS"]
 # A throwaway column: declared, nothing else (filled by the coarse model).
 EXTRA = VectorColumn(

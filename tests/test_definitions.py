@@ -148,7 +148,7 @@ def test_one_declaration_makes_a_columns_asset_backfill_sensor_and_checks():
     assert [k.to_user_string() for k in node.parent_keys] == ["lancedb/conversation_chunks"]
     backfill = loaded.resolve_job_def("extra_backfill")
     nodes = {n.name: n for n in backfill.all_node_defs}
-    assert set(nodes) == {"lancedb__extra_vectors", "extra_vector_checks"}
+    assert set(nodes) == {"lancedb__extra_vectors"}  # its checks run in its step
     assert nodes["lancedb__extra_vectors"].pool == LOCAL_MODELS_POOL
     sensor = loaded.resolve_sensor_def("extra_backlog_sensor")
     assert sensor.job_name == "extra_backfill" and sensor.minimum_interval_seconds
@@ -157,34 +157,53 @@ def test_one_declaration_makes_a_columns_asset_backfill_sensor_and_checks():
     dg.Definitions.validate_loadable(loaded)
 
 
-def test_the_nightly_job_selects_every_standalone_check_by_rule():
-    """Every check that runs on its own is in the consistency job, whoever adds it; none that is
-    computed inside a materialization (that would need the asset's run)."""
+def test_the_nightly_job_selects_every_check_that_runs_alone_by_rule():
+    """Every check that can run without materializing its asset (a standalone check, or one of a
+    subsettable asset's) is in the consistency job, whoever adds it; none that is computed from a
+    materialization's own work (that would need the asset's run)."""
     loaded = defs()
     graph = loaded.resolve_asset_graph()
     job = loaded.resolve_job_def("consistency_check_job")
-    standalone = [
+    alone = [
         d
         for d in [*(loaded.assets or []), *(loaded.asset_checks or [])]
-        if isinstance(d, dg.AssetChecksDefinition)
+        if isinstance(d, dg.AssetChecksDefinition) or d.can_subset
     ]
     selected = set(job.asset_layer.asset_graph.asset_check_keys)
-    assert selected == {key for d in standalone for key in d.check_keys}
+    assert selected == {key for d in alone for key in d.check_keys}
     names = {k.name for k in selected}
     assert {
         "search_snapshot_recall_at_10",
         "coarse_recall_at_10",
         "no_quarantined_rows",
+        "null_backlog",
+        "chunk_counts_agree",
         "retrieval_quality",
         "lexical_index_covers_chunks",
     } <= names
-    assert selected < set(graph.asset_check_keys)  # the inline ones stay with their assets
+    # The ingestion's checks describe its read of the source: they come with its runs.
+    assert {"source_read_completely", "source_records_accepted"}.isdisjoint(names)
+    assert selected < set(graph.asset_check_keys)
     # The main job runs every check but the canary, which it names (a name that resolves).
     main = loaded.resolve_job_def("retrieval_job").asset_layer.asset_graph.asset_check_keys
     assert QUALITY_CHECK in graph.asset_check_keys and QUALITY_CHECK in selected
     assert set(graph.asset_check_keys) - set(main) == {QUALITY_CHECK}
-    # It runs the checks' own steps and materializes nothing.
-    assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in standalone}
+    # It materializes nothing: the checks' steps (an asset's own step, running only its checks).
+    assert job.asset_layer.selected_asset_keys == set()
+    assert {n.name for n in job.all_node_defs} == {d.node_def.name for d in alone}
+
+
+def test_a_run_of_the_main_job_has_one_step_per_asset_node():
+    """Store checks run in their asset's step (defs/checked.py): a step is a process, and a run
+    with nothing new paid more for the checks' processes than for their work."""
+    loaded = defs()
+    job = loaded.resolve_job_def("retrieval_job")
+    asset_nodes = {
+        d.node_def.name
+        for d in loaded.assets or []
+        if isinstance(d, dg.AssetsDefinition) and not isinstance(d, dg.AssetChecksDefinition)
+    }
+    assert {n.name for n in job.all_node_defs} == asset_nodes
 
 
 def test_every_asset_has_the_ingestion_freshness_policy_and_the_instance_evaluates_it():

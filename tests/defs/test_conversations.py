@@ -11,14 +11,13 @@ import lancedb
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.conversations.checks import chunk_counts_agree
 from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.ingest import ingest_conversations
 from retrieval_assets.lib.lancedb_store import CHUNKS_TABLE, table_ids
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
 from retrieval_assets.lib.sources import Conversation, Turn
 
-ASSETS = [conversations, conversation_chunks, chunk_counts_agree]
+ASSETS = [conversations, conversation_chunks]
 
 
 def materialize(resources: dict, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:

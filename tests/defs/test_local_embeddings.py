@@ -13,9 +13,7 @@ import pytest
 from retrieval_assets.defs.coarse_index.assets import (
     chunk_table_maintenance,
     coarse_index,
-    coarse_recall,
     search_snapshot,
-    search_snapshot_recall,
 )
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
 from retrieval_assets.defs.vectors.columns import column_definitions
@@ -42,9 +40,7 @@ from retrieval_assets.lib.vectors import (
 from tests.conftest import (
     ALL_SHARDS,
     EXTRA,
-    coarse_checks,
     coarse_vectors,
-    fine_checks,
     fine_vectors,
     real_sentences,
 )
@@ -55,12 +51,8 @@ GRAPH = [
     coarse_vectors,
     fine_vectors,
     coarse_index,
-    coarse_recall,
     chunk_table_maintenance,
     search_snapshot,
-    search_snapshot_recall,
-    coarse_checks,
-    fine_checks,
 ]
 
 
@@ -611,7 +603,7 @@ def test_a_declared_column_is_made_filled_and_checked_by_its_definitions(
     checks run with it."""
     made = column_definitions(EXTRA)
     result = dg.materialize(
-        [conversations, conversation_chunks, *(made.assets or []), *(made.asset_checks or [])],
+        [conversations, conversation_chunks, *(made.assets or [])],
         resources=make_graph_resources(SAMPLE_DATA_DIR),
         tags=ALL_SHARDS,
     )

@@ -12,12 +12,7 @@ import numpy as np
 import pytest
 
 from retrieval_assets.defs.conversations.assets import conversation_chunks, conversations
-from retrieval_assets.defs.lexical.assets import (
-    lancedb_lexical_covers,
-    lancedb_lexical_index,
-    postgres_lexical_covers,
-    postgres_lexical_index,
-)
+from retrieval_assets.defs.lexical.assets import lancedb_lexical_index, postgres_lexical_index
 from retrieval_assets.lib.connection import connect
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.search import (
@@ -34,7 +29,6 @@ from tests.conftest import (
     ALL_SHARDS,
     coarse_vectors,
     fine_vectors,
-    titan_checks,
     titan_vectors,
 )
 
@@ -44,11 +38,8 @@ GRAPH = [
     coarse_vectors,
     fine_vectors,
     titan_vectors,
-    titan_checks,
     lancedb_lexical_index,
-    lancedb_lexical_covers,
     postgres_lexical_index,
-    postgres_lexical_covers,
 ]
 USER = "locomo-30"
 
@@ -104,12 +95,20 @@ def test_lexical_indexes_cover_new_chunks_and_their_checks_say_when_not(locomo):
     with connect(resources["postgres"].database_url) as conn:
         found = postgres_search(conn, None, "zebrafish heater", 5, USER, mode="lexical")
         assert "zebrafish" in found[0].content
+    # The checks alone (as the nightly job runs them): the indexes' steps, materializing nothing.
     behind = dg.materialize(
-        [lancedb_lexical_covers, postgres_lexical_covers],
+        [lancedb_lexical_index, postgres_lexical_index],
         resources=resources,
-        selection=dg.AssetSelection.checks(lancedb_lexical_covers, postgres_lexical_covers),
+        selection=dg.AssetSelection.checks_for_assets(
+            lancedb_lexical_index, postgres_lexical_index
+        ),
     )
+    assert set(checks(behind)) == {
+        "lancedb:lexical_index_covers_chunks",
+        "postgres:lexical_index_covers_chunks",
+    }
     assert set(checks(behind).values()) == {False}
+    assert not behind.get_asset_materialization_events()
     caught_up = dg.materialize(GRAPH, resources=resources, tags=ALL_SHARDS)
     assert materialized(caught_up, "lancedb/lexical_index")["action"] == "updated"
     assert materialized(caught_up, "postgres/lexical_index")["action"] == "updated"

@@ -20,9 +20,9 @@ from retrieval_assets.lib.titan import (
     replay_quarantine,
     write_vectors,
 )
-from tests.conftest import ALL_SHARDS, real_sentences, titan_checks, titan_vectors
+from tests.conftest import ALL_SHARDS, real_sentences, titan_vectors
 
-GRAPH = [conversations, conversation_chunks, titan_vectors, titan_checks]
+GRAPH = [conversations, conversation_chunks, titan_vectors]
 
 
 def run(resources: dict, bedrock) -> dg.ExecuteInProcessResult:

@@ -1,7 +1,11 @@
 """The ANN index over the coarse (FastEmbed) vectors, kept in step with the table."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import dagster as dg
 
+from retrieval_assets.defs.checked import asset_spec, checked_asset, materializing, wanted
 from retrieval_assets.defs.lexical.assets import LANCEDB_LEXICAL
 from retrieval_assets.defs.vectors.columns import asset_key
 from retrieval_assets.lib.bedrock import BedrockResource
@@ -26,63 +30,72 @@ RECALL_CHECK = "coarse_recall_at_10"
 RECALL_THRESHOLD = 0.9
 
 
-@dg.asset(
-    key=COARSE_INDEX,
-    # After the full-text index: both commit index changes to the table, one at a time.
-    deps=[asset_key(COARSE), LANCEDB_LEXICAL],
-    group_name="coarse_index",
-    kinds={"lancedb"},
-    owners=["team:data-platform"],
-    code_version="1",
-    automation_condition=dg.AutomationCondition.eager(),
+@checked_asset(
+    asset_spec(
+        COARSE_INDEX,
+        # After the full-text index: both commit index changes to the table, one at a time.
+        deps=[asset_key(COARSE), LANCEDB_LEXICAL],
+        group_name="coarse_index",
+        kinds={"lancedb"},
+        description="The IVF_HNSW_SQ (cosine) index over the coarse vectors that serves the "
+        "top-100 coarse search. Built once the table has 10,000 vectors, rebuilt when over 20% of "
+        "the vectors arrived after it was trained, otherwise refreshed incrementally; smaller "
+        "tables are searched exactly.",
+    ),
+    [
+        dg.AssetCheckSpec(
+            RECALL_CHECK,
+            asset=COARSE_INDEX,
+            description=f"ANN recall@10 vs exact search on {PROBE_QUERIES} sampled queries is at "
+            f"least {RECALL_THRESHOLD} (measured once per table version; repeated while the table "
+            "stays there).",
+        )
+    ],
 )
 def coarse_index(
-    context: dg.AssetExecutionContext, lancedb: LanceDBResource
-) -> dg.MaterializeResult:
-    """The IVF_HNSW_SQ (cosine) index over the coarse vectors that serves the top-100 coarse
-    search. Built once the table has 10,000 vectors, rebuilt when over 20% of the vectors arrived
-    after it was trained, otherwise refreshed incrementally; smaller tables are searched exactly."""
-    with lancedb.get_connection() as db:
-        table = lancedb.chunks_table(db)
-        result = ensure_coarse_index(table)
-        columns = arrow_column_schema(table.schema, ["chunk_id", COARSE.column])
-    context.log.info(
-        f"coarse index {result.action}: {result.indexed_rows} rows indexed, "
-        f"{result.unindexed_rows} scanned exactly"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "action": result.action,
-            "index_type": "IVF_HNSW_SQ" if result.indexed_rows else "none (exact scan)",
-            "indexed_rows": result.indexed_rows,
-            "unindexed_rows": result.unindexed_rows,
-            "dagster/row_count": result.indexed_rows + result.unindexed_rows,  # vectors searched
-            "dagster/column_schema": columns,
-            "seconds": round(result.seconds, 2),
-        }
-    )
-
-
-@dg.asset_check(
-    asset=COARSE_INDEX,
-    name=RECALL_CHECK,
-    description=f"ANN recall@10 vs exact search on {PROBE_QUERIES} sampled queries is at least "
-    f"{RECALL_THRESHOLD} (measured once per table version; repeated while the table stays there).",
-)
-def coarse_recall(
-    context: dg.AssetCheckExecutionContext,
+    context: dg.AssetExecutionContext,
     lancedb: LanceDBResource,
     coarse_model: FastEmbedResource,
-) -> dg.AssetCheckResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     with lancedb.get_connection() as db:
-        version = lancedb.chunks_table(db).version
-        repeated = measured_before(context, version)
-        if repeated is not None:
-            return repeated
-        recall, table = on_latest_version(
-            lambda: lancedb.chunks_table(db), lambda table: sample_recall(table, coarse_model)
-        )
+        if materializing(context, COARSE_INDEX):
+            table = lancedb.chunks_table(db)
+            result = ensure_coarse_index(table)
+            columns = arrow_column_schema(table.schema, ["chunk_id", COARSE.column])
+            context.log.info(
+                f"coarse index {result.action}: {result.indexed_rows} rows indexed, "
+                f"{result.unindexed_rows} scanned exactly"
+            )
+            yield dg.MaterializeResult(
+                asset_key=COARSE_INDEX,
+                metadata={
+                    "action": result.action,
+                    "index_type": "IVF_HNSW_SQ" if result.indexed_rows else "none (exact scan)",
+                    "indexed_rows": result.indexed_rows,
+                    "unindexed_rows": result.unindexed_rows,
+                    # vectors searched
+                    "dagster/row_count": result.indexed_rows + result.unindexed_rows,
+                    "dagster/column_schema": columns,
+                    "seconds": round(result.seconds, 2),
+                },
+            )
+        if wanted(context, COARSE_INDEX, RECALL_CHECK):
+            yield _coarse_recall(context.instance, lancedb, db, coarse_model)
+
+
+def _coarse_recall(
+    instance: dg.DagsterInstance, lancedb: LanceDBResource, db: Any, coarse_model: FastEmbedResource
+) -> dg.AssetCheckResult:
+    key = dg.AssetCheckKey(COARSE_INDEX, RECALL_CHECK)
+    repeated = measured_before(instance, key, lancedb.chunks_table(db).version)
+    if repeated is not None:
+        return repeated
+    recall, table = on_latest_version(
+        lambda: lancedb.chunks_table(db), lambda table: sample_recall(table, coarse_model)
+    )
     return dg.AssetCheckResult(
+        asset_key=COARSE_INDEX,
+        check_name=RECALL_CHECK,
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
@@ -129,24 +142,43 @@ SEARCH_SNAPSHOT = dg.AssetKey(["lancedb", "search_snapshot"])
 SNAPSHOT_RECALL_CHECK = "search_snapshot_recall_at_10"
 
 
-@dg.asset(
-    key=SEARCH_SNAPSHOT,
-    deps=[CHUNK_TABLE_MAINTENANCE],
-    group_name="coarse_index",
-    kinds={"lancedb", "usearch"},
-    owners=["team:data-platform"],
-    code_version="1",
-    automation_condition=dg.AutomationCondition.eager(),
+@checked_asset(
+    asset_spec(
+        SEARCH_SNAPSHOT,
+        deps=[CHUNK_TABLE_MAINTENANCE],
+        group_name="coarse_index",
+        kinds={"lancedb", "usearch"},
+        description="The chunk table's current version as searches read it fastest: its coarse "
+        "vectors in an in-process HNSW (usearch, f16), its fine vectors and result columns "
+        "memory-mapped beside them. An unfiltered search uses it while the table stays at that "
+        "version and LanceDB's index otherwise (after any write, until this asset runs again). "
+        'Each run updates the previous graph with the chunks that changed (action "updated"), '
+        "rebuilding it only when removed entries pass 20 % of the rows.",
+    ),
+    [
+        dg.AssetCheckSpec(
+            SNAPSHOT_RECALL_CHECK,
+            asset=SEARCH_SNAPSHOT,
+            description=f"The snapshot's recall@10 vs exact search on {PROBE_QUERIES} sampled "
+            f"queries is at least {RECALL_THRESHOLD} (skipped when no snapshot serves the table's "
+            "version; measured once per version).",
+        )
+    ],
 )
 def search_snapshot(
+    context: dg.AssetExecutionContext,
+    lancedb: LanceDBResource,
+    coarse_model: FastEmbedResource,
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    if materializing(context, SEARCH_SNAPSHOT):
+        yield _publish_snapshot(context, lancedb)
+    if wanted(context, SEARCH_SNAPSHOT, SNAPSHOT_RECALL_CHECK):
+        yield _snapshot_recall(context.instance, lancedb, coarse_model)
+
+
+def _publish_snapshot(
     context: dg.AssetExecutionContext, lancedb: LanceDBResource
 ) -> dg.MaterializeResult:
-    """The chunk table's current version as searches read it fastest: its coarse vectors in an
-    in-process HNSW (usearch, f16), its fine vectors and result columns memory-mapped beside them.
-    An unfiltered search uses it while the table stays at that version and LanceDB's index
-    otherwise (after any write, until this asset runs again). Each run updates the previous
-    graph with the chunks that changed (action "updated"), rebuilding it only when removed
-    entries pass 20 % of the rows."""
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
         published = current(lancedb.snapshot_root)
@@ -171,6 +203,7 @@ def search_snapshot(
     )
     size = sum(f.stat().st_size for f in published.path.iterdir())
     return dg.MaterializeResult(
+        asset_key=SEARCH_SNAPSHOT,
         metadata={
             "action": action,
             "table_version": published.version,
@@ -181,35 +214,31 @@ def search_snapshot(
             "seconds": round(seconds, 2),
             "size_mb": round(size / 1e6, 1),
             "path": dg.MetadataValue.path(str(published.path)),
-        }
+        },
     )
 
 
-@dg.asset_check(
-    asset=SEARCH_SNAPSHOT,
-    name=SNAPSHOT_RECALL_CHECK,
-    description=f"The snapshot's recall@10 vs exact search on {PROBE_QUERIES} sampled queries is "
-    f"at least {RECALL_THRESHOLD} (skipped when no snapshot serves the table's version; measured "
-    "once per version).",
-)
-def search_snapshot_recall(
-    context: dg.AssetCheckExecutionContext,
-    lancedb: LanceDBResource,
-    coarse_model: FastEmbedResource,
+def _snapshot_recall(
+    instance: dg.DagsterInstance, lancedb: LanceDBResource, coarse_model: FastEmbedResource
 ) -> dg.AssetCheckResult:
     with lancedb.get_connection() as db:
         table = lancedb.chunks_table(db)
         snapshot = current(lancedb.snapshot_root)
         if snapshot is None or not snapshot.serves(table):
             return dg.AssetCheckResult(
+                asset_key=SEARCH_SNAPSHOT,
+                check_name=SNAPSHOT_RECALL_CHECK,
                 passed=True,
                 metadata={"skipped": "the table changed since the snapshot; LanceDB serves"},
             )
-        repeated = measured_before(context, snapshot.version)
+        key = dg.AssetCheckKey(SEARCH_SNAPSHOT, SNAPSHOT_RECALL_CHECK)
+        repeated = measured_before(instance, key, snapshot.version)
         if repeated is not None:
             return repeated
         recall = sample_recall(table, coarse_model, snapshot=snapshot)
     return dg.AssetCheckResult(
+        asset_key=SEARCH_SNAPSHOT,
+        check_name=SNAPSHOT_RECALL_CHECK,
         passed=recall >= RECALL_THRESHOLD,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
@@ -221,15 +250,14 @@ def search_snapshot_recall(
 
 
 def measured_before(
-    context: dg.AssetCheckExecutionContext, version: int
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, version: int
 ) -> dg.AssetCheckResult | None:
     """This recall check's last result, given again, where it measured this same table version
     at the same threshold: the sampled rows, the index and the snapshot of one version do not
     change, so a run with nothing new does not load a query model to find the same figure."""
-    key = context.check_specs[0].key
     # The last evaluation that completed (this run's own execution is recorded as planned, and a
     # run that died leaves one so too).
-    history = context.instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
+    history = instance.event_log_storage.get_asset_check_execution_history(key, limit=5)
     evaluated = (
         (r.run_id, r.event.asset_check_evaluation)
         for r in history
@@ -242,6 +270,8 @@ def measured_before(
     if meta.get("table_version") != version or meta.get("threshold") != RECALL_THRESHOLD:
         return None
     return dg.AssetCheckResult(
+        asset_key=key.asset_key,
+        check_name=key.name,
         passed=last.passed,
         severity=last.severity,
         metadata={"measured_in_run": run_id, **last.metadata},

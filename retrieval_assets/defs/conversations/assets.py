@@ -3,9 +3,13 @@
 from collections.abc import Iterator
 
 import dagster as dg
+import psycopg
 
+from retrieval_assets.defs.checked import asset_spec, materializing, wanted
 from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
 from retrieval_assets.lib.ingest import (
+    ChunkSummary,
+    chunk_count,
     chunk_summary,
     conversation_summary,
     ingest_conversations,
@@ -29,6 +33,7 @@ GROUP = "conversations"
 SOURCE_READ_CHECK = "source_read_completely"
 RECORDS_ACCEPTED_CHECK = "source_records_accepted"
 TOKEN_BUDGET_CHECK = "chunks_within_token_budget"
+CHUNK_COUNTS_AGREE = "chunk_counts_agree"
 _LOGGED_PROBLEMS = 50
 
 
@@ -177,26 +182,22 @@ def conversations(
 
 @dg.multi_asset(
     specs=[
-        dg.AssetSpec(
+        asset_spec(
             POSTGRES_CHUNKS,
             deps=[CONVERSATIONS],
             group_name=GROUP,
             kinds={"postgres"},
-            owners=["team:data-platform"],
             code_version=f"chunker-v{CHUNKER_VERSION}",
-            automation_condition=dg.AutomationCondition.eager(),
             description="Turn-aware chunks of every conversation, sized in tokens of the "
             "embedding model's tokenizer, with speaker roles, turn span and tier; the Titan "
             "vector column starts NULL.",
         ),
-        dg.AssetSpec(
+        asset_spec(
             LANCEDB_CHUNKS,
             deps=[POSTGRES_CHUNKS],
             group_name=GROUP,
             kinds={"lancedb"},
-            owners=["team:data-platform"],
             code_version=f"chunker-v{CHUNKER_VERSION}",
-            automation_condition=dg.AutomationCondition.eager(),
             description="The same chunks in LanceDB, where the FastEmbed and "
             "sentence-transformers vector columns live; kept equal to Postgres by chunk id.",
         ),
@@ -206,8 +207,16 @@ def conversations(
             TOKEN_BUDGET_CHECK,
             asset=POSTGRES_CHUNKS,
             description="No chunk holds more tokens than its tier allows.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            CHUNK_COUNTS_AGREE,
+            asset=LANCEDB_CHUNKS,
+            description="LanceDB holds as many chunks as Postgres (the mirror is complete).",
+        ),
     ],
+    # Either store's chunks alone (re-chunk in Postgres; mirror into LanceDB), or only the checks
+    # (the nightly job: see defs/checked.py).
+    can_subset=True,
 )
 def conversation_chunks(
     context: dg.AssetExecutionContext,
@@ -216,19 +225,56 @@ def conversation_chunks(
     chunker: ChunkerResource,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Chunks only the conversations that changed since their last chunking, then mirrors."""
-    tiers = chunker.chunker.tiers
+    budgets = {t.name: t.max_tokens for t in chunker.chunker.tiers}
     with postgres.get_connection() as conn:
-        result = rebuild_chunks(conn, chunker.chunker)
-        context.log.info(
-            f"re-chunked {result.conversations} conversations: {result.chunks_inserted} chunks "
-            f"added, {result.chunks_removed} removed"
-        )
-        summary = chunk_summary(conn, {t.name: t.max_tokens for t in tiers})
-        pg_columns = postgres_column_schema(conn, "conversation_chunks")
+        summary = None
+        if materializing(context, POSTGRES_CHUNKS):
+            materialized, summary = _rechunk(context, conn, chunker, budgets)
+            yield materialized
+        if wanted(context, POSTGRES_CHUNKS, TOKEN_BUDGET_CHECK):
+            summary = summary or chunk_summary(conn, budgets)
+            yield dg.AssetCheckResult(
+                asset_key=POSTGRES_CHUNKS,
+                check_name=TOKEN_BUDGET_CHECK,
+                passed=summary.over_budget == 0,
+                metadata={"chunks_over_budget": summary.over_budget},
+            )
         with lancedb.get_connection() as db:
             table = lancedb.chunks_table(db)
-            mirrored = mirror_chunks(conn, table)
-            lance_columns = arrow_column_schema(table.schema)
+            if materializing(context, LANCEDB_CHUNKS):
+                mirrored = mirror_chunks(conn, table)
+                yield dg.MaterializeResult(
+                    asset_key=LANCEDB_CHUNKS,
+                    metadata={
+                        "dagster/row_count": mirrored.rows,
+                        "dagster/column_schema": arrow_column_schema(table.schema),
+                        "rows_inserted": mirrored.inserted,
+                        "rows_deleted": mirrored.deleted,
+                        "uri": lancedb.location,
+                    },
+                )
+            if wanted(context, LANCEDB_CHUNKS, CHUNK_COUNTS_AGREE):
+                in_postgres, in_lancedb = chunk_count(conn), table.count_rows()
+                yield dg.AssetCheckResult(
+                    asset_key=LANCEDB_CHUNKS,
+                    check_name=CHUNK_COUNTS_AGREE,
+                    passed=in_postgres == in_lancedb,
+                    metadata={"postgres_chunks": in_postgres, "lancedb_chunks": in_lancedb},
+                )
+
+
+def _rechunk(
+    context: dg.AssetExecutionContext,
+    conn: psycopg.Connection,
+    chunker: ChunkerResource,
+    budgets: dict[str, int],
+) -> tuple[dg.MaterializeResult, ChunkSummary]:
+    result = rebuild_chunks(conn, chunker.chunker)
+    context.log.info(
+        f"re-chunked {result.conversations} conversations: {result.chunks_inserted} chunks "
+        f"added, {result.chunks_removed} removed"
+    )
+    summary = chunk_summary(conn, budgets)
     total = sum(row[1] for row in summary.per_tier)
     token_meta: dict[str, float | int] = {}
     for tier, count, mean, p50, p95, biggest in summary.per_tier:
@@ -243,38 +289,20 @@ def conversation_chunks(
         (f"{(b - 1) * 32:>3}-{b * 32 - 1:<3}" if b <= 8 else "256+", n)
         for b, n in summary.histogram
     ]
-    yield dg.MaterializeResult(
-        asset_key=POSTGRES_CHUNKS,
-        metadata={
-            "dagster/row_count": total,
-            "dagster/column_schema": pg_columns,
-            "conversations_rechunked": result.conversations,
-            "chunks_added": result.chunks_inserted,
-            "chunks_removed": result.chunks_removed,
-            "chunker": chunker.chunker.signature,
-            **token_meta,
-            "token_length_distribution": dg.MetadataValue.md(markdown_histogram(buckets)),
-            "preview": dg.MetadataValue.md(
-                markdown_table(
-                    ["conversation", "tier", "turns", "roles", "tokens", "content"],
-                    summary.latest,
-                )
-            ),
-        },
-    )
-    yield dg.AssetCheckResult(
-        asset_key=POSTGRES_CHUNKS,
-        check_name=TOKEN_BUDGET_CHECK,
-        passed=summary.over_budget == 0,
-        metadata={"chunks_over_budget": summary.over_budget},
-    )
-    yield dg.MaterializeResult(
-        asset_key=LANCEDB_CHUNKS,
-        metadata={
-            "dagster/row_count": mirrored.rows,
-            "dagster/column_schema": lance_columns,
-            "rows_inserted": mirrored.inserted,
-            "rows_deleted": mirrored.deleted,
-            "uri": lancedb.location,
-        },
-    )
+    metadata = {
+        "dagster/row_count": total,
+        "dagster/column_schema": postgres_column_schema(conn, "conversation_chunks"),
+        "conversations_rechunked": result.conversations,
+        "chunks_added": result.chunks_inserted,
+        "chunks_removed": result.chunks_removed,
+        "chunker": chunker.chunker.signature,
+        **token_meta,
+        "token_length_distribution": dg.MetadataValue.md(markdown_histogram(buckets)),
+        "preview": dg.MetadataValue.md(
+            markdown_table(
+                ["conversation", "tier", "turns", "roles", "tokens", "content"],
+                summary.latest,
+            )
+        ),
+    }
+    return dg.MaterializeResult(asset_key=POSTGRES_CHUNKS, metadata=metadata), summary

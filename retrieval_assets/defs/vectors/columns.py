@@ -5,7 +5,8 @@ The asset is partitioned by hash shard (the first hex digit of the content-deriv
 the UI shows each column's completeness per shard, and a shard run records that shard only. Whole
 column work (the main job, a remade model, the UI's "all partitions") runs as one run over every
 shard (single-run backfill policy): only such a run may create, rename or remake the column. The
-column's checks are selected with the asset, so they run after every run that writes it.
+column's checks run in the asset's step, after every run that writes it (and alone, without
+writing, in the nightly consistency job).
 
 The backlog sensor watches the store: it counts NULL rows per shard and launches one backfill
 run per shard with work, keyed by the shard's backlog fingerprint, so that however often it
@@ -22,6 +23,7 @@ from typing import Any
 import dagster as dg
 
 from retrieval_assets.defs.automation.jobs import retrieval_job
+from retrieval_assets.defs.checked import asset_spec, checked_asset, materializing, wanted
 from retrieval_assets.defs.conversations.assets import LANCEDB_CHUNKS, POSTGRES_CHUNKS
 from retrieval_assets.lib.columns import VECTOR_COLUMNS, VectorColumn, fingerprint
 from retrieval_assets.lib.shards import SHARD_KEYS
@@ -81,55 +83,41 @@ def _fill(context: dg.AssetExecutionContext, column: VectorColumn) -> dict[str, 
 
 
 def column_asset(column: VectorColumn) -> dg.AssetsDefinition:
-    store = STORES[column.store]
-
-    @dg.asset(
-        key=asset_key(column),
-        deps=[CHUNKS[column.store]],
-        description=column.description,
-        group_name="vectors",
-        partitions_def=SHARDS,
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        pool=column.pool,
-        kinds=set(column.kinds),
-        owners=["team:data-platform"],
-        code_version="1",
-        required_resource_keys={*store.resource_keys, column.model_resource},
-        automation_condition=dg.AutomationCondition.eager(),
-        tags={COLUMN_TAG: column.column},
-    )
-    def vectors(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        return dg.MaterializeResult(metadata=_fill(context, column))
-
-    return vectors
-
-
-def column_checks(column: VectorColumn) -> dg.AssetChecksDefinition:
+    """The column's asset, with its store's checks evaluated in the same step."""
     store = STORES[column.store]
     key = asset_key(column)
 
-    @dg.multi_asset_check(
-        name=f"{column.role}_vector_checks",
-        specs=[
-            dg.AssetCheckSpec(
-                spec.name,
-                asset=key,
-                description=spec.description,
-                blocking=False,
-            )
+    @checked_asset(
+        asset_spec(
+            key,
+            deps=[CHUNKS[column.store]],
+            description=column.description,
+            group_name="vectors",
+            kinds=set(column.kinds),
+            tags={COLUMN_TAG: column.column},
+        ),
+        [
+            dg.AssetCheckSpec(spec.name, asset=key, description=spec.description)
             for spec in store.checks
         ],
+        partitions_def=SHARDS,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        pool=column.pool,
         required_resource_keys={*store.resource_keys, column.model_resource},
-        # Materializing the asset selects its checks; a run may also select some of them.
-        can_subset=True,
     )
-    def checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+    def vectors(
+        context: dg.AssetExecutionContext,
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        if materializing(context, key):
+            yield dg.MaterializeResult(asset_key=key, metadata=_fill(context, column))
+        severity = {spec.name: spec.warn for spec in store.checks}
+        if not any(wanted(context, key, name) for name in severity):
+            return
         outcomes = _store(column, context.resources).check(
             column, getattr(context.resources, column.model_resource)
         )
-        severity = {spec.name: spec.warn for spec in store.checks}
         for outcome in outcomes:
-            if dg.AssetCheckKey(key, outcome.name) in context.selected_asset_check_keys:
+            if wanted(context, key, outcome.name):
                 yield dg.AssetCheckResult(
                     asset_key=key,
                     check_name=outcome.name,
@@ -140,7 +128,7 @@ def column_checks(column: VectorColumn) -> dg.AssetChecksDefinition:
                     metadata=outcome.metadata,
                 )
 
-    return checks
+    return vectors
 
 
 def backfill_job(column: VectorColumn) -> Any:
@@ -233,11 +221,10 @@ def backlog_sensor(column: VectorColumn, job: Any) -> dg.SensorDefinition:
 
 
 def column_definitions(column: VectorColumn) -> dg.Definitions:
-    """The asset, checks, backfill job and backlog sensor of one declared column."""
+    """The asset (with its checks), backfill job and backlog sensor of one declared column."""
     job = backfill_job(column)
     return dg.Definitions(
         assets=[column_asset(column)],
-        asset_checks=[column_checks(column)],
         jobs=[job],
         sensors=[backlog_sensor(column, job)],
     )
