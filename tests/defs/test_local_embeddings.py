@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from retrieval_assets.definitions import consistency_checks
 from retrieval_assets.defs.coarse_index.assets import (
     chunk_table_maintenance,
     coarse_index,
@@ -135,7 +136,9 @@ def test_both_columns_are_filled_and_recorded(make_graph_resources, db, lance_ur
         assert checks[(key, "dims_match_declared")].metadata["stored_dims"].value == 384
 
 
-def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lance_uri):
+def test_a_second_run_with_nothing_new_calls_no_model_and_the_checks_run_alone(
+    make_graph_resources, lance_uri
+):
     run(make_graph_resources(SAMPLE_DATA_DIR))
     version = table(lance_uri).version
     again = run(make_graph_resources(SAMPLE_DATA_DIR))
@@ -147,6 +150,30 @@ def test_a_second_run_with_nothing_new_calls_no_model(make_graph_resources, lanc
     calls = []
     result = fill_nulls(table(lance_uri), FINE.column, lambda *a: calls.append(a))
     assert calls == [] and result.embedded == 0
+
+    # The nightly job's selection (by its rule) over these assets: the store checks alone, in
+    # their assets' steps, materializing and writing nothing.
+    selection = consistency_checks(dg.Definitions(assets=GRAPH))
+    alone = dg.materialize(
+        GRAPH, resources=make_graph_resources(SAMPLE_DATA_DIR), selection=selection
+    )
+    evaluated = {
+        (e.asset_key.to_user_string(), e.check_name): e.passed
+        for e in alone.get_asset_check_evaluations()
+    }
+    assert evaluated == {
+        **{
+            (key, name): True
+            for key in ("lancedb/coarse_vectors", "lancedb/fine_vectors")
+            for name in ("null_backlog", "dims_match_declared", "unit_norms")
+        },
+        ("postgres/conversation_chunks", "chunks_within_token_budget"): True,
+        ("lancedb/conversation_chunks", "chunk_counts_agree"): True,
+        ("lancedb/coarse_index", "coarse_recall_at_10"): True,
+        ("lancedb/search_snapshot", "search_snapshot_recall_at_10"): True,
+    }
+    assert not alone.get_asset_materialization_events()
+    assert table(lance_uri).version == version
 
 
 def test_recall_checks_measure_each_table_version_once(make_graph_resources, lance_uri):
