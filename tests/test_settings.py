@@ -14,16 +14,19 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import psycopg
 import pytest
 
 from retrieval_assets import cli
 from retrieval_assets.defs.resources import resources_from_environment
+from retrieval_assets.lib import step_server
 from retrieval_assets.lib.models import local_model_dir
 from retrieval_assets.lib.onnx_export import EXPORTS_DIR, export_folder
 from retrieval_assets.lib.paths import SAMPLE_DATA_DIR
@@ -681,6 +684,37 @@ def test_the_command_exits_with_its_status_after_its_exit_handlers_and_output(tm
     assert out.returncode == 1, output_of(out)
     assert "nothing to search yet" in out.stderr
     assert out.stdout == "exit handlers ran\n"
+
+
+def test_the_step_forkserver_leaves_without_the_teardown_once_its_command_is_gone(tmp_path):
+    """The forkserver the steps fork from (step_server.PRELOAD) exits without the interpreter's
+    teardown (lib/quick_exit.py), which otherwise held the command's output open for seconds
+    after it exited: an exit handler of a module preloaded before it never runs. Without
+    PRELOAD, the same handler runs (the control)."""
+    (tmp_path / "late_handler.py").write_text(
+        "import atexit, os, pathlib\natexit.register(pathlib.Path(os.environ['MARKER']).touch)\n"
+    )
+    code = (
+        "import sys\n"
+        "from multiprocessing import forkserver\n"
+        "from retrieval_assets.lib.step_server import PRELOAD\n"
+        "forkserver.set_forkserver_preload(['late_handler', *PRELOAD[: int(sys.argv[1])]])\n"
+        "forkserver.ensure_running()\n"
+        "print(forkserver._forkserver._forkserver_pid)\n"
+    )
+    env = {**tool_env(tmp_path), "PYTHONPATH": f"{tmp_path}:{PROJECT_ROOT}"}
+    ran = {}
+    for preloads in (len(step_server.PRELOAD), 0):
+        marker = tmp_path / f"teardown-{preloads}"
+        out = run_tool([sys.executable, "-c", code, str(preloads)], {**env, "MARKER": str(marker)})
+        assert out.returncode == 0, output_of(out)
+        server = int(out.stdout)
+        deadline = time.monotonic() + 120
+        while psutil.pid_exists(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not psutil.pid_exists(server), "the forkserver outlived its command"
+        ran[preloads] = marker.exists()
+    assert ran == {len(step_server.PRELOAD): False, 0: True}
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ started first, they happen meanwhile, on the other core. The executor then finds
 
 from __future__ import annotations
 
-PRELOAD = ["retrieval_assets.preload"]
+# The definitions and libraries, then the server's exit without the interpreter's teardown.
+PRELOAD = ["retrieval_assets.preload", "retrieval_assets.lib.quick_exit"]
 # What the executor puts before the preload list it hands multiprocessing (dagster's
 # _core/executor/multiprocess.py): the same list, so the server started here is the one it wants.
 _EXECUTOR_FIRST = "dagster._core.executor.multiprocess"
