@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, INSTANCE_DIR
 
@@ -520,16 +520,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The `retrieval-assets` command: main(), then an exit without the interpreter's teardown.
+    """The `retrieval-assets` command: main(), then an exit without the interpreter's teardown
+    (an exception leaves through the normal path, with its traceback)."""
+    exit_without_teardown(main())
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Exit with `code` after the exit handlers and the output, skipping the teardown.
 
     A process that imported Dagster, LanceDB and the models spent over 3 s after its work was
     done in Py_FinalizeEx's garbage collection of modules about to vanish anyway (seen with gdb),
     on every command. The exit handlers still run first (logging, multiprocessing, weakref
-    finalizers such as temporary directories), and the output is flushed; an exception leaves
-    through the normal path, with its traceback."""
+    finalizers such as temporary directories), and the output is flushed."""
     import atexit
 
-    code = main()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -8,6 +8,7 @@ Prints one line per committed batch (flushed), so the suite knows when to strike
 
 import sys
 
+from retrieval_assets.cli import exit_without_teardown
 from retrieval_assets.lib.columns import COARSE
 from retrieval_assets.lib.embedders import FastEmbedResource
 from retrieval_assets.lib.lancedb_store import LanceDBResource
@@ -37,3 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # as the command does: the teardown only costs the test time
