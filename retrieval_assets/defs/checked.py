@@ -21,6 +21,7 @@ def asset_spec(
     group_name: str,
     kinds: set[str],
     description: str,
+    code_version: str = "1",
     **more: Any,
 ) -> dg.AssetSpec:
     """What @dg.asset says for the house's other assets: the owner, a code version, and eager
@@ -32,7 +33,7 @@ def asset_spec(
         kinds=kinds,
         description=description,
         owners=["team:data-platform"],
-        code_version=more.pop("code_version", "1"),
+        code_version=code_version,
         automation_condition=dg.AutomationCondition.eager(),
         **more,
     )

@@ -232,7 +232,8 @@ def conversation_chunks(
             materialized, summary = _rechunk(context, conn, chunker, budgets)
             yield materialized
         if wanted(context, POSTGRES_CHUNKS, TOKEN_BUDGET_CHECK):
-            summary = summary or chunk_summary(conn, budgets)
+            if summary is None:  # only the check: the summary was not made by a re-chunk
+                summary = chunk_summary(conn, budgets)
             yield dg.AssetCheckResult(
                 asset_key=POSTGRES_CHUNKS,
                 check_name=TOKEN_BUDGET_CHECK,
