@@ -127,6 +127,10 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectSto
 @pytest.fixture
 def db(pg_url: str) -> str:
     """The session database, emptied of data (the schema stays)."""
+    return emptied(pg_url)
+
+
+def emptied(pg_url: str) -> str:
     with connect(pg_url, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE conversations, conversation_chunks, chunk_lexicon, chunk_lexicon_stats "
@@ -152,14 +156,20 @@ def make_resources(db: str, lance_uri: str, chunker_resource: ChunkerResource):
     """Resources bound to the test stores, reading conversations from `source`."""
 
     def build(source: Path | str, **source_options) -> dict:
-        return {
-            "postgres": PostgresResource(database_url=db),
-            "lancedb": LanceDBResource(uri=lance_uri),
-            "conversation_source": ConversationSourceResource(path=str(source), **source_options),
-            "chunker": chunker_resource,
-        }
+        return store_resources(db, lance_uri, chunker_resource, source, **source_options)
 
     return build
+
+
+def store_resources(
+    db: str, lance_uri: str, chunker: ChunkerResource, source: Path | str, **source_options
+) -> dict:
+    return {
+        "postgres": PostgresResource(database_url=db),
+        "lancedb": LanceDBResource(uri=lance_uri),
+        "conversation_source": ConversationSourceResource(path=str(source), **source_options),
+        "chunker": chunker,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -249,20 +259,25 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def make_bedrock(model_dir):
     """A BedrockResource on the local endpoint (real boto3 client, real HTTP), stopped after."""
-    from retrieval_assets.lib.bedrock import BedrockResource
-
     made = []
 
     def build(**options):
-        # MiniLM stands in for Titan here (the default's mpnet is slower; the tests ask no quality).
-        options.setdefault("local_model", MINILM)
-        resource = BedrockResource(use_local_endpoint=True, data_dir=model_dir, **options)
+        resource = local_bedrock(model_dir, **options)
         made.append(resource)
         return resource
 
     yield build
     for resource in made:
         resource.teardown_after_execution(None)
+
+
+def local_bedrock(model_dir: str, **options):
+    """The local endpoint's resource; its user stops it (teardown_after_execution)."""
+    from retrieval_assets.lib.bedrock import BedrockResource
+
+    # MiniLM stands in for Titan here (the default's mpnet is slower; the tests ask no quality).
+    options.setdefault("local_model", MINILM)
+    return BedrockResource(use_local_endpoint=True, data_dir=model_dir, **options)
 
 
 def write_jsonl_source(directory: Path, conversations: range) -> Path:

@@ -5,7 +5,6 @@ the three modes answer per user in both stores with one fusion."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -28,7 +27,10 @@ from tests.benchmarks.locomo import write_export
 from tests.conftest import (
     ALL_SHARDS,
     coarse_vectors,
+    emptied,
     fine_vectors,
+    local_bedrock,
+    store_resources,
     titan_vectors,
 )
 
@@ -58,61 +60,30 @@ def materialized(result, key: str) -> dict:
     raise KeyError(key)
 
 
-@pytest.fixture
-def locomo(tmp_path: Path, make_graph_resources, make_bedrock):
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def locomo(tmp_path_factory, pg_url, chunker_resource, fastembed, sentence_transformer, model_dir):
+    """Conversation 30 through the graph once for the file (embedding it is most of the file's
+    time): the tests read it, and the last one adds to it."""
+    root = tmp_path_factory.mktemp("locomo")
+    source = root / "source"
     source.mkdir()
     questions = write_export(source / "locomo.jsonl", ["30"])
-    resources = {**make_graph_resources(source), "titan_model": make_bedrock()}
-    result = dg.materialize(GRAPH, resources=resources, tags=ALL_SHARDS)
-    return source, questions, resources, result
-
-
-def test_lexical_indexes_cover_new_chunks_and_their_checks_say_when_not(locomo):
-    source, _, resources, first = locomo
-    found = checks(first)
-    assert found["lancedb:lexical_index_covers_chunks"], found
-    assert found["postgres:lexical_index_covers_chunks"], found
-    assert all(found.values()), found
-    assert materialized(first, "lancedb/lexical_index")["action"] == "created"
-    assert materialized(first, "lancedb/lexical_index")["unindexed_rows"] == 0
-    # A new conversation arrives; only the chunk assets run.
-    with (source / "locomo.jsonl").open("a") as out:
-        for role, text in (("user", "My zebrafish tank needs a new heater"), ("assistant", "ok")):
-            out.write(
-                json.dumps(
-                    {"conversation_id": "late", "user_id": USER, "role": role, "content": text}
-                )
-                + "\n"
-            )
-    dg.materialize([conversations, conversation_chunks], resources=resources)
-    lance: LanceDBResource = resources["lancedb"]
-    with lance.get_connection() as db:
-        table = lance.chunks_table(db)
-        # Found before the index catches up: LanceDB scans the rows the index lacks, Postgres'
-        # tsvector is generated with the row.
-        assert "zebrafish" in lexical_search(table, "zebrafish heater", 5, USER)[0].content
-    with connect(resources["postgres"].database_url) as conn:
-        found = postgres_search(conn, None, "zebrafish heater", 5, USER, mode="lexical")
-        assert "zebrafish" in found[0].content
-    # The checks alone (as the nightly job runs them): the indexes' steps, materializing nothing.
-    behind = dg.materialize(
-        [lancedb_lexical_index, postgres_lexical_index],
-        resources=resources,
-        selection=dg.AssetSelection.checks_for_assets(
-            lancedb_lexical_index, postgres_lexical_index
-        ),
-    )
-    assert set(checks(behind)) == {
-        "lancedb:lexical_index_covers_chunks",
-        "postgres:lexical_index_covers_chunks",
+    titan = local_bedrock(model_dir)
+    resources = {
+        **store_resources(emptied(pg_url), str(root / "lancedb"), chunker_resource, source),
+        "coarse_model": fastembed,
+        "fine_model": sentence_transformer,
+        "titan_model": titan,
     }
-    assert set(checks(behind).values()) == {False}
-    assert not behind.get_asset_materialization_events()
-    caught_up = dg.materialize(GRAPH, resources=resources, tags=ALL_SHARDS)
-    assert materialized(caught_up, "lancedb/lexical_index")["action"] == "updated"
-    assert materialized(caught_up, "postgres/lexical_index")["action"] == "updated"
-    assert all(checks(caught_up).values()), checks(caught_up)
+    try:
+        yield (
+            source,
+            questions,
+            resources,
+            dg.materialize(GRAPH, resources=resources, tags=ALL_SHARDS),
+        )
+    finally:
+        titan.teardown_after_execution(None)
 
 
 def test_three_modes_per_user_in_both_stores_with_one_fusion(locomo):
@@ -179,3 +150,51 @@ def test_a_query_without_words_finds_nothing_lexically(locomo):
         for text in ("", "?!", "the and of"):
             assert lexical_search(lance.chunks_table(db), text, 5, USER) == []
             assert postgres_search(conn, None, text, 5, USER, mode="lexical") == []
+
+
+def test_lexical_indexes_cover_new_chunks_and_their_checks_say_when_not(locomo):
+    """Last in the file: it adds a conversation to the graph the others read."""
+    source, _, resources, first = locomo
+    found = checks(first)
+    assert found["lancedb:lexical_index_covers_chunks"], found
+    assert found["postgres:lexical_index_covers_chunks"], found
+    assert all(found.values()), found
+    assert materialized(first, "lancedb/lexical_index")["action"] == "created"
+    assert materialized(first, "lancedb/lexical_index")["unindexed_rows"] == 0
+    # A new conversation arrives; only the chunk assets run.
+    with (source / "locomo.jsonl").open("a") as out:
+        for role, text in (("user", "My zebrafish tank needs a new heater"), ("assistant", "ok")):
+            out.write(
+                json.dumps(
+                    {"conversation_id": "late", "user_id": USER, "role": role, "content": text}
+                )
+                + "\n"
+            )
+    dg.materialize([conversations, conversation_chunks], resources=resources)
+    lance: LanceDBResource = resources["lancedb"]
+    with lance.get_connection() as db:
+        table = lance.chunks_table(db)
+        # Found before the index catches up: LanceDB scans the rows the index lacks, Postgres'
+        # tsvector is generated with the row.
+        assert "zebrafish" in lexical_search(table, "zebrafish heater", 5, USER)[0].content
+    with connect(resources["postgres"].database_url) as conn:
+        found = postgres_search(conn, None, "zebrafish heater", 5, USER, mode="lexical")
+        assert "zebrafish" in found[0].content
+    # The checks alone (as the nightly job runs them): the indexes' steps, materializing nothing.
+    behind = dg.materialize(
+        [lancedb_lexical_index, postgres_lexical_index],
+        resources=resources,
+        selection=dg.AssetSelection.checks_for_assets(
+            lancedb_lexical_index, postgres_lexical_index
+        ),
+    )
+    assert set(checks(behind)) == {
+        "lancedb:lexical_index_covers_chunks",
+        "postgres:lexical_index_covers_chunks",
+    }
+    assert set(checks(behind).values()) == {False}
+    assert not behind.get_asset_materialization_events()
+    caught_up = dg.materialize(GRAPH, resources=resources, tags=ALL_SHARDS)
+    assert materialized(caught_up, "lancedb/lexical_index")["action"] == "updated"
+    assert materialized(caught_up, "postgres/lexical_index")["action"] == "updated"
+    assert all(checks(caught_up).values()), checks(caught_up)
