@@ -55,7 +55,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 1.0):
 
 
 class Server:
-    def __init__(self, root: Path, sigint_ignored: bool = False) -> None:
+    def __init__(self, root: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.data_dir = root / "data"
@@ -73,10 +73,9 @@ class Server:
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its run workers too, so teardown stops them all
-            # As a script's background job starts it: with SIGINT ignored.
-            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-            if sigint_ignored
-            else None,
+            # As a script's background job starts it: with SIGINT ignored (the harder case for
+            # Ctrl-C, which the last test sends).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
         wait_for(self.up, 180, f"the web UI on {self.base} (log: {self.log})")
 
@@ -104,6 +103,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One `retrieval-assets ui` for the file; the last test stops it with Ctrl-C (after that
+    this only makes sure, whatever happened)."""
     running = Server(tmp_path_factory.mktemp("ui"))
     yield running
     running.stop()
@@ -327,10 +328,7 @@ def test_materialize_all_then_read_metadata_and_turn_a_sensor_on(page, server):
     for shown in ("Freshness policy", "Passing", "Row count", "Columns", "vector_fine"):
         assert shown in text, shown
     shot(page, "05c-fine-vectors-freshness-row-count-columns")
-    # ... and the server's log carries no warning the project's definitions cause.
-    log = server.log.read_text()
-    for noise in ("BetaWarning", "PreviewWarning", "SupersessionWarning", "dagster.yaml"):
-        assert noise not in log, (noise, log[-3000:])
+    # (The server's whole log, read by the last test, carries no warning the definitions cause.)
 
     # A backlog appears in two shards (their vectors are cleared), then the sensor is turned on.
     import lancedb
@@ -422,26 +420,25 @@ def test_graphql_client_launches_a_run_and_reads_its_status(server):
 
 
 def test_ctrl_c_stops_the_ui_and_the_embedded_server_even_when_started_in_the_background(
-    tmp_path,
+    server,
 ):
-    """A command started in the background by a script inherits SIGINT ignored; dagster dev
-    then ignores SIGTERM too unless `retrieval-assets ui` gives it the default handlers."""
+    """Last in the file, on the server the other tests used (runs launched, a sensor on). It was
+    started as a script's background job starts it, with SIGINT ignored; dagster dev then ignores
+    SIGTERM too unless `retrieval-assets ui` gives it the default handlers."""
     import psutil
 
     from retrieval_assets.lib.embedded_postgres import _running_url
 
-    ui = Server(tmp_path, sigint_ignored=True)
-    try:
-        os.killpg(ui.process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
-        ui.process.wait(timeout=120)
-        left = [p for p in psutil.process_iter() if _session_of(p) == ui.process.pid]
-        assert not left, [p.cmdline() for p in left]
-        assert _running_url(ui.data_dir / "pg") is None  # the embedded PostgreSQL stopped too
-        log = ui.log.read_text()
-        for noise in ("dagster.yaml", "SupersessionWarning", "BetaWarning", "PreviewWarning"):
-            assert noise not in log, (noise, log[-3000:])
-    finally:
-        ui.stop()
+    os.killpg(server.process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's process group
+    server.process.wait(timeout=120)
+    left = [p for p in psutil.process_iter() if _session_of(p) == server.process.pid]
+    assert not left, [p.cmdline() for p in left]
+    assert _running_url(server.data_dir / "pg") is None  # the embedded PostgreSQL stopped too
+    # A clean console from start to stop: no warning the project's definitions cause, and no
+    # misleading instance warning.
+    log = server.log.read_text()
+    for noise in ("dagster.yaml", "SupersessionWarning", "BetaWarning", "PreviewWarning"):
+        assert noise not in log, (noise, log[-3000:])
 
 
 def _session_of(process) -> int | None:
