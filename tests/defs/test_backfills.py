@@ -51,15 +51,19 @@ def null_ids(db: str) -> set[str]:
         return {r[0] for r in rows}
 
 
+# Enough that every shard holds chunks and a fill takes several batches.
+CONVERSATIONS = 120
+
+
 @pytest.fixture
 def backlog(tmp_path, make_graph_resources, make_bedrock):
-    """Resources over 240 ingested conversations; `more(n)` ingests n more."""
-    source = write_source(tmp_path / "source", range(240))
+    """Resources over CONVERSATIONS ingested conversations; `more(n)` ingests n more."""
+    source = write_source(tmp_path / "source", range(CONVERSATIONS))
     resources = {**make_graph_resources(source), "titan_model": make_bedrock()}
     ingest(resources)
 
     def more(n: int) -> None:
-        write_source(source, range(240 + n))
+        write_source(source, range(CONVERSATIONS + n))
         ingest(resources)
 
     resources["more"] = more
