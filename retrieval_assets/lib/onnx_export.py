@@ -15,7 +15,7 @@ import importlib.metadata
 import shutil
 from pathlib import Path
 
-from retrieval_assets.lib.models import local_model_dir
+from retrieval_assets.lib.models import PACKAGED_MODELS, local_model_dir
 from retrieval_assets.lib.paths import MODEL_CACHE_DIR
 
 # Bump when _export_onnx_here changes what it writes: every export is made anew.
@@ -33,12 +33,17 @@ _TOKENIZER_FILES = (
 
 def export_folder(model: str) -> str:
     """The export's folder name: the model's slug and a fingerprint of what the export is made
-    from (the model's files by name, size and modification time; torch's and transformers'
-    versions; EXPORT_FORMAT)."""
+    from (torch's and transformers' versions; EXPORT_FORMAT; the model: a model shipped in a
+    package by the package's name and version, so a reinstall, a new virtualenv or a fresh clone
+    reuses the export; any other by its files' names, sizes and modification times)."""
     source = local_model_dir(model)
     digest = hashlib.sha256(f"{EXPORT_FORMAT}".encode())
     for dist in ("torch", "transformers"):
         digest.update(f"\0{dist}={importlib.metadata.version(dist)}".encode())
+    package = PACKAGED_MODELS.get(model)
+    if package is not None:
+        digest.update(f"\0{package}={importlib.metadata.version(package)}".encode())
+        return f"{slug(model)}-{digest.hexdigest()[:12]}"
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         stat = path.stat()
         digest.update(f"\0{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,44 @@ def test_a_model_split_over_packages_is_joined_once_and_a_missing_part_named(tmp
         join_split_model(missing, tmp_path / "other")
 
 
+def test_a_packaged_model_keeps_its_export_across_reinstalls(tmp_path, monkeypatch):
+    """Installing a model package again (a new virtualenv, a fresh clone) gives its files new
+    modification times; the export belongs to the package's version, so it is made once per
+    machine, not once per install (each made anew was 87 MB for MiniLM, 417 MB for mpnet)."""
+    import os
+
+    from retrieval_assets.lib import models
+    from retrieval_assets.lib.onnx_export import export_folder
+
+    site = tmp_path / "site"
+
+    def install(version: str) -> Path:
+        shutil.rmtree(site, ignore_errors=True)
+        (site / "fake_model_pkg" / "model").mkdir(parents=True)
+        (site / "fake_model_pkg" / "__init__.py").write_text("")
+        config = site / "fake_model_pkg" / "model" / "config.json"
+        config.write_text("{}")
+        info = site / f"fake_model_pkg-{version}.dist-info"
+        info.mkdir()
+        metadata = f"Metadata-Version: 2.1\nName: fake-model-pkg\nVersion: {version}\n"
+        (info / "METADATA").write_text(metadata)
+        return config
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(models.PACKAGED_MODELS, "fake/model", "fake_model_pkg")
+    install("1.0")
+    first = export_folder("fake/model")
+    config = install("1.0")
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    assert export_folder("fake/model") == first
+    install("1.1")
+    assert export_folder("fake/model") != first
+
+
 def test_one_onnx_export_per_machine_made_anew_when_the_model_changes(tmp_path):
     """Every data directory shares the export (the model cache); a model whose files change gets
     a new one, never the old."""
     import os
-    import shutil
 
     from retrieval_assets.lib.embedders import FastEmbedResource
     from retrieval_assets.lib.models import MINILM, local_model_dir
