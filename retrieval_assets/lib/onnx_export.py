@@ -2,10 +2,10 @@
 can run it: once per machine, into the model cache, in a child process (PyTorch stays out of the
 step process that asked for it).
 
-An export is a pure function of the model's files and the exporter, so every data directory (the
-embedded default, production, a benchmark's, a test's) shares one: its folder is named by the
-model and a fingerprint of those inputs, so a changed model or another torch never reuses an old
-export.
+An export is a pure function of the model and the exporter, so every data directory (the embedded
+default, production, a benchmark's, a test's) shares one: its folder is named by the model and a
+fingerprint of those inputs (a packaged model by its package's version, any other by its files),
+so a changed model or another torch never reuses an old export.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import importlib.metadata
 import shutil
 from pathlib import Path
 
-from retrieval_assets.lib.models import PACKAGED_MODELS, local_model_dir
+from retrieval_assets.lib.models import PACKAGED_MODELS, local_model_dir, packaged_model_dir
 from retrieval_assets.lib.paths import MODEL_CACHE_DIR
 
 # Bump when _export_onnx_here changes what it writes: every export is made anew.
@@ -41,7 +41,7 @@ def export_folder(model: str) -> str:
     for dist in ("torch", "transformers"):
         digest.update(f"\0{dist}={importlib.metadata.version(dist)}".encode())
     package = PACKAGED_MODELS.get(model)
-    if package is not None:
+    if package is not None and source == packaged_model_dir(package):
         digest.update(f"\0{package}={importlib.metadata.version(package)}".encode())
         return f"{slug(model)}-{digest.hexdigest()[:12]}"
     for path in sorted(p for p in source.rglob("*") if p.is_file()):

