@@ -43,10 +43,12 @@ def export_folder(model: str) -> str:
     package = PACKAGED_MODELS.get(model)
     if package is not None and source == packaged_model_dir(package):
         digest.update(f"\0{package}={importlib.metadata.version(package)}".encode())
-        return f"{slug(model)}-{digest.hexdigest()[:12]}"
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"\0{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(
+                f"\0{path.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+            )
     return f"{slug(model)}-{digest.hexdigest()[:12]}"
 
 
