@@ -198,13 +198,15 @@ def make_graph_resources(make_resources, fastembed, sentence_transformer):
     """make_resources plus the embedding models."""
 
     def build(source, **source_options) -> dict:
-        return {
-            **make_resources(source, **source_options),
-            "coarse_model": fastembed,
-            "fine_model": sentence_transformer,
-        }
+        return with_models(
+            make_resources(source, **source_options), fastembed, sentence_transformer
+        )
 
     return build
+
+
+def with_models(resources: dict, fastembed, sentence_transformer) -> dict:
+    return {**resources, "coarse_model": fastembed, "fine_model": sentence_transformer}
 
 
 def real_sentences(limit: int) -> list[str]:

@@ -22,8 +22,12 @@ from tests import PROJECT_ROOT
 RUNS = 5
 
 
+def _pyproject() -> dict:
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+
+
 def _declared() -> dict:
-    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return _pyproject()["tool"]["setuptools"]
 
 
 def test_every_package_of_the_tree_is_declared():
@@ -42,7 +46,7 @@ def test_the_fine_model_parts_install_apart_and_pinned():
 
     from retrieval_assets.lib.models import SPLIT_MODELS
 
-    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    project = _pyproject()
     apart = project["tool"]["retrieval_assets"]["install-without-dependencies"]
     pinned = dict(requirement.split("==") for requirement in apart)
     parts = {part for model in SPLIT_MODELS.values() for part in model.parts}

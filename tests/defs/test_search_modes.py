@@ -32,6 +32,7 @@ from tests.conftest import (
     local_bedrock,
     store_resources,
     titan_vectors,
+    with_models,
 )
 
 GRAPH = [
@@ -69,12 +70,8 @@ def locomo(tmp_path_factory, pg_url, chunker_resource, fastembed, sentence_trans
     source.mkdir()
     questions = write_export(source / "locomo.jsonl", ["30"])
     titan = local_bedrock(model_dir)
-    resources = {
-        **store_resources(emptied(pg_url), str(root / "lancedb"), chunker_resource, source),
-        "coarse_model": fastembed,
-        "fine_model": sentence_transformer,
-        "titan_model": titan,
-    }
+    stores = store_resources(emptied(pg_url), str(root / "lancedb"), chunker_resource, source)
+    resources = {**with_models(stores, fastembed, sentence_transformer), "titan_model": titan}
     try:
         yield (
             source,
