@@ -254,6 +254,9 @@ FROZEN_SQL = {
     "match_conversation_chunks_lexical_v1.sql": (
         "3a55a8799bfa0fa7d169f752b89b5c72f54c5cce3a66fc489f84d07f90556ae5"
     ),
+    "match_conversation_chunks_hybrid_v2.sql": (
+        "99dc1c5d514c49a16333afe9bbf5f9e817c51f7bbd35bf13797c7fc39132ad3b"
+    ),
 }
 
 

@@ -15,6 +15,8 @@ The weight and depth were chosen by leave-one-conversation-out on the LoCoMo dev
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -38,6 +40,9 @@ EXACT_FILTER_ROWS = 20_000
 MODES = ("dense", "lexical", "hybrid")
 DEFAULT_MODE = "hybrid"
 LEXICAL_WEIGHT = 0.6
+# Of the best fused score among a chunk's neighbours (see fuse); chosen with LEXICAL_WEIGHT by
+# leave-one-conversation-out on LoCoMo's development split (tests/benchmarks).
+CONTEXT_WEIGHT = 0.3
 HYBRID_CANDIDATES = 50
 RESULT_COLUMNS = [
     "chunk_id",
@@ -81,9 +86,10 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"search mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
-def _check_weight(lexical_weight: float) -> None:
-    if not 0.0 <= lexical_weight <= 1.0:
-        raise ValueError(f"lexical weight {lexical_weight} is not between 0 and 1")
+def _check_weights(lexical_weight: float, context_weight: float) -> None:
+    for name, weight in (("lexical", lexical_weight), ("context", context_weight)):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"{name} weight {weight} is not between 0 and 1")
 
 
 def coarse_search(
@@ -190,6 +196,7 @@ def search(
     snapshot: SearchSnapshot | None = None,
     mode: str = DEFAULT_MODE,
     lexical_weight: float = LEXICAL_WEIGHT,
+    context_weight: float = CONTEXT_WEIGHT,
 ) -> list[Hit]:
     """The best `k` chunks of the LanceDB table for `query` (one user's where `user` is set), by
     `mode`: dense (two stages), lexical (BM25) or hybrid (both, fused)."""
@@ -206,7 +213,7 @@ def search(
     dense = dense_search(
         table, fastembed, sentence_transformer, query, depth, user, max(coarse_k, depth), snapshot
     )
-    return fuse(dense, lexical.result(), k, lexical_weight)
+    return fuse(dense, lexical.result(), k, lexical_weight, context_weight)
 
 
 def dense_search(
@@ -281,11 +288,24 @@ def lexical_search(
     return [_hit(r, float(r["_score"]), "lexical", lexical=float(r["_score"])) for r in rows]
 
 
-def fuse(dense: list[Hit], lexical: list[Hit], k: int, lexical_weight: float) -> list[Hit]:
-    """The best `k` of two rankings by (1 - w) * z(dense) + w * z(lexical): z-scores within each
-    list (population standard deviation; 1 where it is 0), a chunk missing from a list taking
-    that list's lowest z-score. Ties go to the smaller chunk id, as in SQL."""
-    _check_weight(lexical_weight)
+def fuse(
+    dense: list[Hit],
+    lexical: list[Hit],
+    k: int,
+    lexical_weight: float = LEXICAL_WEIGHT,
+    context_weight: float = CONTEXT_WEIGHT,
+) -> list[Hit]:
+    """The best `k` of two rankings, fused.
+
+    Each list's scores become z-scores (population standard deviation; 1 where it is 0), a chunk
+    missing from a list taking that list's lowest; a chunk's fused score is
+    (1 - lexical_weight) * z(dense) + lexical_weight * z(lexical). Then each chunk gains
+    `context_weight` times the best fused score among its neighbours: the candidates of the same
+    conversation and tier whose turns touch or overlap its own (the exchanges either side, or
+    another window of the same exchange), or, where none is a candidate, the fused score of a
+    chunk both lists missed. A question's words are often spread over neighbouring exchanges
+    (the topic in one, the answer in the next). Ties go to the smaller chunk id, as in SQL."""
+    _check_weights(lexical_weight, context_weight)
     dense_z = _z_scores({h.chunk_id: h.score for h in dense})
     lexical_z = _z_scores({h.chunk_id: h.score for h in lexical})
     dense_floor = min(dense_z.values(), default=0.0)
@@ -298,17 +318,42 @@ def fuse(dense: list[Hit], lexical: list[Hit], k: int, lexical_weight: float) ->
         + lexical_weight * lexical_z.get(c, lexical_floor)
         for c in by_id
     }
-    best = sorted(fused, key=lambda c: (-fused[c], c))[:k]
+    missed = (1 - lexical_weight) * dense_floor + lexical_weight * lexical_floor
+    together: dict[tuple[str, str], list[Hit]] = defaultdict(list)
+    for hit in by_id.values():
+        together[hit.conversation_id, hit.tier].append(hit)
+    final = {
+        c: fused[c]
+        + context_weight
+        * max(
+            (fused[n] for n in _neighbours(h, together[h.conversation_id, h.tier])),
+            default=missed,
+        )
+        for c, h in by_id.items()
+    }
+    best = sorted(final, key=lambda c: (-final[c], c))[:k]
     return [
         replace(
             by_id[c],
-            score=fused[c],
+            score=final[c],
             how="hybrid",
             dense=dense_of.get(c),
             lexical=lexical_of.get(c),
         )
         for c in best
     ]
+
+
+def _neighbours(hit: Hit, together: list[Hit]) -> Iterator[str]:
+    """The chunk ids of the hits `together` with `hit` (its conversation's and tier's) whose
+    turns touch or overlap its own."""
+    for other in together:
+        if (
+            other.chunk_id != hit.chunk_id
+            and other.turn_start <= hit.turn_end + 1
+            and other.turn_end >= hit.turn_start - 1
+        ):
+            yield other.chunk_id
 
 
 def _z_scores(scores: dict[str, float]) -> dict[str, float]:
@@ -352,6 +397,7 @@ def postgres_search(
     tier: str | None = None,
     mode: str = DEFAULT_MODE,
     lexical_weight: float = LEXICAL_WEIGHT,
+    context_weight: float = CONTEXT_WEIGHT,
 ) -> list[Hit]:
     """The best `k` chunks in Postgres for `query` by `mode`, through the match RPCs a Supabase
     client calls: dense (Titan vectors, HNSW), lexical (BM25 over the tsvector column) or hybrid
@@ -367,11 +413,11 @@ def postgres_search(
     vector = titan_model.embed_query(query)
     if mode == "dense":
         return postgres_match(conn, vector, k, user, tier)
-    _check_weight(lexical_weight)
+    _check_weights(lexical_weight, context_weight)
     rows = _pg_rows(
         conn,
         f"SELECT {_PG_COLUMNS}, score, embedding_model, dense_similarity, lexical_score "
-        "FROM match_conversation_chunks_hybrid_by_tier(%s::vector, %s, %s, %s, %s, %s, %s)",
+        "FROM match_conversation_chunks_hybrid_by_tier(%s::vector, %s, %s, %s, %s, %s, %s, %s)",
         [
             np.asarray(vector, dtype=np.float32),
             query,
@@ -380,6 +426,7 @@ def postgres_search(
             user,
             lexical_weight,
             HYBRID_CANDIDATES,
+            context_weight,
         ],
     )
     return [

@@ -7,13 +7,15 @@ sentence-transformers fine, the local Titan endpoint), then every question of ca
 searched within its own user, in LanceDB and in Postgres, dense, lexical and hybrid. A hit is a
 returned chunk of the evidence's session whose turn span covers an evidence turn.
 
-The fusion's lexical weight is chosen by leave-one-conversation-out: for each conversation, the
-weight that maximises hit@1 + hit@5 on the other four is applied to it ("hybrid, LOCO" rows;
-the chosen weight per fold is printed). The shipped default (LEXICAL_WEIGHT) is what the other
-hybrid rows use, in LanceDB fused in Python and in Postgres by match_conversation_chunks_hybrid.
+The fusion's lexical and context weights are chosen by leave-one-conversation-out: for each
+conversation, the pair that maximises hit@1 + hit@5 on the other four is applied to it ("hybrid,
+LOCO" rows; the pair chosen per fold is printed). The shipped defaults (LEXICAL_WEIGHT,
+CONTEXT_WEIGHT) are what the other hybrid rows use, in LanceDB fused in Python and in Postgres by
+match_conversation_chunks_hybrid.
 
-Baselines in the same run: each parent alone, plain RRF (k=60), and the same graph with the
-previous fine model (MiniLM, the coarse model itself) in place of all-mpnet-base-v2.
+Baselines in the same run: each parent alone, plain RRF (k=60), the fusion without context
+(context weight 0), and the same graph with the previous fine model (MiniLM, the coarse model
+itself) in place of all-mpnet-base-v2.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pytest
 
 from retrieval_assets.lib.models import DEFAULT_ST_MODEL, MINILM
 from retrieval_assets.lib.search import (
+    CONTEXT_WEIGHT,
     HYBRID_CANDIDATES,
     LEXICAL_WEIGHT,
     Hit,
@@ -52,7 +55,12 @@ from tests.benchmarks.locomo import (
 )
 
 pytestmark = pytest.mark.benchmark
-WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# (lexical weight, context weight) pairs the leave-one-conversation-out choice tries.
+WEIGHTS = [
+    (lexical, context)
+    for lexical in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    for context in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+]
 # Set to reuse the graphs of a previous bench run (their searches are always run anew).
 REUSE = os.environ.get("QUALITY_BENCH_REUSE") == "1"
 Ranking = list[tuple[str, int, int]]
@@ -158,13 +166,13 @@ def metrics(questions: list[Question], rankings: list[Ranking]) -> np.ndarray:
 
 
 def loco(
-    questions: list[Question], rank_with: Callable[[int, float], Ranking]
-) -> tuple[list[Ranking], dict[str, float]]:
-    """Each conversation ranked with the weight that maximises hit@1 + hit@5 on the others."""
+    questions: list[Question], rank_with: Callable[[int, tuple[float, float]], Ranking]
+) -> tuple[list[Ranking], dict[str, tuple[float, float]]]:
+    """Each conversation ranked with the weights that maximise hit@1 + hit@5 on the others."""
     per_weight = {
         w: metrics(questions, [rank_with(i, w) for i in range(len(questions))]) for w in WEIGHTS
     }
-    chosen: dict[str, float] = {}
+    chosen: dict[str, tuple[float, float]] = {}
     rankings: list[Ranking] = [[] for _ in questions]
     for held in CONVERSATIONS:
         train = np.array([q.conversation != held for q in questions])
@@ -199,14 +207,17 @@ def report(name: str, questions: list[Question], lists: dict[str, list]) -> dict
         ranked[f"{store} dense"] = [spans(d[:10]) for d in dense]
         ranked[f"{store} lexical"] = [spans(x[:10]) for x in lexical]
         ranked[f"{store} RRF k=60 (baseline)"] = [rrf(dense[i], lexical[i]) for i in range(n)]
-        ranked[f"{store} hybrid w={LEXICAL_WEIGHT}"] = [
-            spans(fuse(dense[i], lexical[i], 10, LEXICAL_WEIGHT)) for i in range(n)
+        ranked[f"{store} hybrid, no context"] = [
+            spans(fuse(dense[i], lexical[i], 10, LEXICAL_WEIGHT, 0.0)) for i in range(n)
+        ]
+        ranked[f"{store} hybrid w={LEXICAL_WEIGHT},{CONTEXT_WEIGHT}"] = [
+            spans(fuse(dense[i], lexical[i], 10)) for i in range(n)
         ]
         ranked[f"{store} hybrid, LOCO"], chosen = loco(
             questions,
-            lambda i, w, dense=dense, lexical=lexical: spans(fuse(dense[i], lexical[i], 10, w)),
+            lambda i, w, dense=dense, lexical=lexical: spans(fuse(dense[i], lexical[i], 10, *w)),
         )
-        print(f"  {store}: lexical weight chosen per held-out conversation: {chosen}")
+        print(f"  {store}: (lexical, context) weights chosen per held-out conversation: {chosen}")
     ranked["postgres hybrid (SQL)"] = [spans(h) for h in lists["postgres hybrid (SQL)"]]
     print(f"\n  {name}: turn-level metrics, {n} questions (categories 1-4)")
     print(f"  {'system':<34} {'category':<12} {'n':>4} " + " ".join(f"{m:>13}" for m in METRICS))
@@ -215,10 +226,12 @@ def report(name: str, questions: list[Question], lists: dict[str, list]) -> dict
             print(row)
     overall = {label: metrics(questions, r).mean(axis=0) for label, r in ranked.items()}
     python_vs_sql = np.abs(
-        overall["postgres hybrid (SQL)"] - overall[f"postgres hybrid w={LEXICAL_WEIGHT}"]
+        overall["postgres hybrid (SQL)"]
+        - overall[f"postgres hybrid w={LEXICAL_WEIGHT},{CONTEXT_WEIGHT}"]
     ).max()
     stores = np.abs(
-        overall["postgres hybrid (SQL)"] - overall[f"lancedb hybrid w={LEXICAL_WEIGHT}"]
+        overall["postgres hybrid (SQL)"]
+        - overall[f"lancedb hybrid w={LEXICAL_WEIGHT},{CONTEXT_WEIGHT}"]
     )
     print(
         f"  hybrid agreement, LanceDB vs Postgres (SQL): largest difference {stores.max():.3f} "
@@ -247,6 +260,7 @@ def test_retrieval_quality_on_locomo_dev(tmp_path, monkeypatch):
         for label in (
             "lancedb dense",
             "lancedb lexical",
+            "lancedb hybrid, no context",
             "lancedb hybrid, LOCO",
             "postgres hybrid (SQL)",
         ):

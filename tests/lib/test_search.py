@@ -50,3 +50,63 @@ def test_the_canary_counts_answers_in_the_top_5_and_says_when_nothing_was_measur
     assert canary_hit_at_5(lambda q, u: []) is None  # no sample conversation stored
     half = iter(range(len(PROBES)))
     assert canary_hit_at_5(lambda q, u: perfect(q, u) if next(half) % 2 else late(q, u)) == 0.5
+
+
+def _hit(
+    chunk: str,
+    score: float,
+    conversation: str = "c1",
+    turns: tuple[int, int] = (0, 1),
+    tier: str = "medium",
+):
+    from retrieval_assets.lib.search import Hit
+
+    return Hit(chunk, conversation, "u", tier, ("user",), *turns, chunk, None, score, "dense")
+
+
+def test_fusion_adds_the_best_neighbours_score_within_a_conversation_and_tier():
+    from retrieval_assets.lib.search import fuse
+
+    # "a" and "b" tie on both lists; "a" has a strong neighbour ("n", the next exchange), "b"
+    # only chunks that are not its neighbours: a gap of one turn, another tier, another
+    # conversation.
+    dense = [
+        _hit("n", 0.9, turns=(2, 3)),
+        _hit("a", 0.5, turns=(0, 1)),
+        _hit("b", 0.5, turns=(10, 11)),
+        _hit("gap", 0.9, turns=(13, 14)),
+        _hit("tier", 0.9, turns=(10, 11), tier="micro"),
+        _hit("other", 0.9, conversation="c2", turns=(10, 11)),
+        _hit("low", 0.1, turns=(40, 41)),
+    ]
+    lexical = [_hit("a", 2.0, turns=(0, 1)), _hit("b", 2.0, turns=(10, 11))]
+
+    plain = {h.chunk_id: h.score for h in fuse(dense, lexical, 10, 0.5, 0.0)}
+    assert plain["a"] == plain["b"]
+    fused = {h.chunk_id: h.score for h in fuse(dense, lexical, 10, 0.5, 0.3)}
+    # a gains 0.3 x n's fused score; b, with no neighbour among the candidates, 0.3 x the score
+    # of a chunk both lists missed (each list's lowest z-score).
+    lowest = 0.5 * min(_z(dense)) + 0.5 * min(_z(lexical))
+    assert np.isclose(fused["a"], plain["a"] + 0.3 * plain["n"])
+    assert np.isclose(fused["b"], plain["b"] + 0.3 * lowest)
+    assert fused["a"] > fused["b"]
+    # An overlapping window of the same exchange is a neighbour too.
+    window = [*dense, _hit("w", 0.9, turns=(11, 11))]
+    overlapped = {h.chunk_id: h.score for h in fuse(window, lexical, 10, 0.5, 0.3)}
+    base = {h.chunk_id: h.score for h in fuse(window, lexical, 10, 0.5, 0.0)}
+    assert np.isclose(overlapped["b"], base["b"] + 0.3 * base["w"])
+
+
+def _z(hits):
+    scores = np.array([h.score for h in hits])
+    return (scores - scores.mean()) / (scores.std() or 1.0)
+
+
+def test_fusion_weights_outside_0_to_1_are_refused():
+    import pytest
+
+    from retrieval_assets.lib.search import fuse
+
+    for weights in ((1.5, 0.3), (0.5, -0.1), (0.5, 1.01)):
+        with pytest.raises(ValueError, match="weight"):
+            fuse([_hit("a", 1.0)], [], 10, *weights)
