@@ -318,6 +318,18 @@ class ConversationSummary:
     latest: list[tuple[Any, ...]]  # external id, user, format, turns, title of the newest 10
 
 
+def stored_fingerprint(conn: psycopg.Connection, source: str) -> str:
+    """A digest of the conversations stored from `source` (their keys and content hashes): it
+    changes when any of them is written, moved or deleted, by a run or by hand."""
+    count, total = one(
+        conn,
+        "SELECT count(*), coalesce(sum(hashtextextended(id || ':' || content_hash, 0)), 0) "
+        "FROM conversations WHERE source = %s",
+        [source],
+    )
+    return f"{count}:{total}"
+
+
 def conversation_summary(conn: psycopg.Connection) -> ConversationSummary:
     conversations, turns = one(
         conn, "SELECT count(*), coalesce(sum(turn_count), 0) FROM conversations"

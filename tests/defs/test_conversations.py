@@ -184,6 +184,59 @@ def test_a_truncated_export_keeps_good_records_and_deletes_nothing(make_resource
     assert checks(result)["source_read_completely"] is False
 
 
+def test_an_unchanged_source_is_not_parsed_again_until_it_or_its_stored_rows_change(
+    make_resources, db, tmp_path
+):
+    records = [record("a", "hello", "hi"), record("b", "bye", "see you")]
+    source = sharegpt_source(tmp_path, records)
+    instance = dg.DagsterInstance.ephemeral()  # runs see each other's materializations
+
+    def run(**options) -> dict:
+        result = dg.materialize(
+            ASSETS, resources=make_resources(source, **options), instance=instance
+        )
+        return {"checks": checks(result), **metadata(result, "postgres/conversations")}
+
+    first = run()
+    assert first["source_parsed"] is True and first["inserted"] == 2
+    again = run()
+    assert again["source_parsed"] is False
+    assert (again["inserted"], again["updated"], again["deleted"]) == (0, 0, 0)
+    assert again["conversations_read"] == 2 and again["dagster/row_count"] == 2
+    assert again["checks"] == {
+        "source_read_completely": True,
+        "source_records_accepted": True,
+        "chunks_within_token_budget": True,
+        "chunk_counts_agree": True,
+    }
+
+    # A stored row lost by hand: the next run reads the source and restores it.
+    with connect(db) as conn:
+        conn.execute("DELETE FROM conversations WHERE external_id = 'b'")
+    restored = run()
+    assert restored["source_parsed"] is True and restored["inserted"] == 1
+    assert run()["source_parsed"] is False
+
+    # A changed file, or a setting that changes what a read gives: read again.
+    sharegpt_source(tmp_path, [*records, record("c", "new", "turn")])
+    grown = run()
+    assert grown["source_parsed"] is True and grown["inserted"] == 1
+    assert run(default_user_id="someone-else")["source_parsed"] is True
+
+
+def test_a_source_read_incompletely_is_parsed_every_time(make_resources, db, tmp_path):
+    records = [record(f"c{i}", f"question {i} " * 40, f"answer {i} " * 40) for i in range(12)]
+    source = sharegpt_source(tmp_path, records)
+    text = (source / "export.json").read_text()
+    (source / "export.json").write_text(text[: len(text) // 2])
+    instance = dg.DagsterInstance.ephemeral()
+    for _ in range(2):
+        result = dg.materialize(ASSETS, resources=make_resources(source), instance=instance)
+        meta = metadata(result, "postgres/conversations")
+        assert meta["source_parsed"] is True and meta["deletions_propagated"] is False
+        assert checks(result)["source_read_completely"] is False
+
+
 def test_an_empty_export_deletes_nothing(make_resources, db, tmp_path):
     source = sharegpt_source(tmp_path, [record("a", "hi", "hello")])
     materialize(make_resources(source))

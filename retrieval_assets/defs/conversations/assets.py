@@ -1,6 +1,7 @@
 """Raw conversations from the source export, and their chunks in Postgres and LanceDB."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import psycopg
@@ -9,12 +10,14 @@ from retrieval_assets.defs.checked import asset_spec, materializing, wanted
 from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
 from retrieval_assets.lib.ingest import (
     ChunkSummary,
+    ConversationSummary,
     chunk_count,
     chunk_summary,
     conversation_summary,
     ingest_conversations,
     mirror_chunks,
     rebuild_chunks,
+    stored_fingerprint,
 )
 from retrieval_assets.lib.lancedb_store import LanceDBResource
 from retrieval_assets.lib.postgres import PostgresResource
@@ -80,19 +83,50 @@ def conversations(
 ) -> dg.MaterializeResult:
     """Raw conversations as exported by the chat app: one row per conversation with its turns
     (role, text, time) in order, upserted by id. A conversation that vanished from a cleanly read
-    source is deleted, and its chunks with it in every store."""
-    report = ParseReport(on_problem=_problem_logger(context))
+    source is deleted, and its chunks with it in every store.
+
+    A source whose files, settings and reading code are as they were at the last complete,
+    collision-free read, while the conversations stored from it are too, is not parsed again:
+    that read's figures are repeated (a run with nothing new costs the same at any size)."""
+    fingerprint = conversation_source.fingerprint()
+    source = conversation_source.source_key
     with postgres.get_connection() as conn:
+        last = _same_as_last_read(context, fingerprint, stored_fingerprint(conn, source))
+        if last is not None:
+            stored = conversation_summary(conn)
+            context.log.info(
+                f"source unchanged since the last complete read: not parsed; "
+                f"{last['conversations_read'].value} conversations read then, "
+                f"{stored.conversations} stored"
+            )
+            return dg.MaterializeResult(
+                metadata={
+                    **last,
+                    **{k: 0 for k in ("inserted", "updated", "moved", "deleted")},
+                    "unchanged": last["conversations_read"].value,
+                    "source_parsed": False,
+                    **_stored_metadata(conn, stored),
+                },
+                check_results=_source_checks(
+                    unreadable=[],
+                    rejected_records=int(last["rejected_records"].value),
+                    rejected=int(last["rejected"].value),
+                    held_back=0,
+                    collisions=[],
+                ),
+            )
+        report = ParseReport(on_problem=_problem_logger(context))
         result = ingest_conversations(
             conn,
             conversation_source.read(report),
-            source=conversation_source.source_key,
+            source=source,
             # An empty or partly unreadable read proves nothing about what was deleted.
             propagate_deletions=lambda: report.complete and report.conversations > 0,
             held_back=lambda: report.held_back,
         )
         stored = conversation_summary(conn)
-        columns = postgres_column_schema(conn, "conversations")
+        stored_metadata = _stored_metadata(conn, stored)
+        after = stored_fingerprint(conn, source)
     if report.conversations == 0 and (report.rejected or report.errors):
         raise dg.Failure(
             f"no conversation could be read from {conversation_source.path}",
@@ -112,7 +146,7 @@ def conversations(
     for collision in result.collisions[:_LOGGED_PROBLEMS]:
         context.log.warning(
             f"conversation {collision.external_id!r} of user {collision.user_id!r} at "
-            f"{collision.origin} in {conversation_source.source_key} differs from the one "
+            f"{collision.origin} in {source} differs from the one "
             f"stored from {collision.stored_source}: kept as stored, not overwritten"
         )
     context.log.info(
@@ -123,10 +157,6 @@ def conversations(
         f"{len(result.collisions)} colliding with another source"
     )
     problems = "\n".join(f"- **{p.severity}** {p}" for p in report.problems) or "none"
-    collisions = "\n".join(
-        f"- user {c.user_id!r}, id {c.external_id!r}: stored from {c.stored_source}"
-        for c in result.collisions[:_LOGGED_PROBLEMS]
-    )
     return dg.MaterializeResult(
         metadata={
             "source": conversation_source.path,
@@ -146,38 +176,100 @@ def conversations(
             "unchanged": result.unchanged,
             "deleted": result.deleted,
             "deletions_propagated": not result.deletions_skipped,
-            "dagster/row_count": stored.conversations,
-            "dagster/column_schema": columns,
-            "total_turns": stored.turns,
             "problems": dg.MetadataValue.md(problems),
-            "preview": dg.MetadataValue.md(
-                markdown_table(["id", "user", "format", "turns", "title"], stored.latest)
-            ),
+            "source_parsed": True,
+            # What the next run compares (_same_as_last_read); empty: never skip a read.
+            _SOURCE_FINGERPRINT: fingerprint or "",
+            _STORED_FINGERPRINT: after,
+            **stored_metadata,
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=SOURCE_READ_CHECK,
-                passed=report.complete,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "unreadable_paths": len(report.incomplete_files),
-                    "unreadable": ", ".join(report.incomplete_files[:20]) or "none",
-                },
-            ),
-            dg.AssetCheckResult(
-                check_name=RECORDS_ACCEPTED_CHECK,
-                passed=not report.rejected_records and not result.collisions,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={
-                    "rejected_records": report.rejected_records,
-                    "rejected_messages": report.rejected - report.rejected_records,
-                    "collisions": len(result.collisions),
-                    "held_back": result.held_back,
-                    "collided": dg.MetadataValue.md(collisions or "none"),
-                },
-            ),
-        ],
+        check_results=_source_checks(
+            unreadable=report.incomplete_files,
+            rejected_records=report.rejected_records,
+            rejected=report.rejected,
+            held_back=result.held_back,
+            collisions=result.collisions,
+        ),
     )
+
+
+_SOURCE_FINGERPRINT = "source_fingerprint"
+_STORED_FINGERPRINT = "stored_fingerprint"
+
+
+def _same_as_last_read(
+    context: dg.AssetExecutionContext, fingerprint: str | None, stored: str
+) -> dict[str, Any] | None:
+    """The metadata of the last materialization when it read the same source (`fingerprint`)
+    completely, with no collision or held-back record (their outcome depends on other sources),
+    and the conversations stored from it are still as it left them (`stored`); else None."""
+    if fingerprint is None:
+        return None
+    event = context.instance.get_latest_materialization_event(CONVERSATIONS)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is None:
+        return None
+    last: dict[str, Any] = dict(materialization.metadata)
+
+    def value(key: str) -> object:
+        return last[key].value if key in last else None
+
+    clean = (
+        value("deletions_propagated") is True
+        and value("collisions") == 0
+        and value("held_back") == 0
+        and value(_SOURCE_FINGERPRINT) == fingerprint
+        and value(_STORED_FINGERPRINT) == stored
+    )
+    return last if clean else None
+
+
+def _stored_metadata(conn: psycopg.Connection, stored: ConversationSummary) -> dict[str, Any]:
+    return {
+        "dagster/row_count": stored.conversations,
+        "dagster/column_schema": postgres_column_schema(conn, "conversations"),
+        "total_turns": stored.turns,
+        "preview": dg.MetadataValue.md(
+            markdown_table(["id", "user", "format", "turns", "title"], stored.latest)
+        ),
+    }
+
+
+def _source_checks(
+    *,
+    unreadable: list[str],
+    rejected_records: int,
+    rejected: int,
+    held_back: int,
+    collisions: list,
+) -> list[dg.AssetCheckResult]:
+    collided = "\n".join(
+        f"- user {c.user_id!r}, id {c.external_id!r}: stored from {c.stored_source}"
+        for c in collisions[:_LOGGED_PROBLEMS]
+    )
+    return [
+        dg.AssetCheckResult(
+            check_name=SOURCE_READ_CHECK,
+            passed=not unreadable,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "unreadable_paths": len(unreadable),
+                "unreadable": ", ".join(unreadable[:20]) or "none",
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name=RECORDS_ACCEPTED_CHECK,
+            passed=not rejected_records and not collisions,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "rejected_records": rejected_records,
+                "rejected_messages": rejected - rejected_records,
+                "collisions": len(collisions),
+                "held_back": held_back,
+                "collided": dg.MetadataValue.md(collided or "none"),
+            },
+        ),
+    ]
 
 
 @dg.multi_asset(

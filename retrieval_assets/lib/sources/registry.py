@@ -4,6 +4,9 @@ chatgpt.py) and one line in RECORD_FORMATS. JSONL is a format of the whole file 
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -135,3 +138,42 @@ class ConversationSourceResource(dg.ConfigurableResource):
     def source_key(self) -> str:
         """The identity conversations are filed under; deletions are scoped to it."""
         return str(Path(self.path).expanduser().resolve())
+
+    def fingerprint(self) -> str | None:
+        """A digest of everything a read of the source depends on: the names and bytes of its
+        export files, this resource's settings and the readers' own code. Equal digests read
+        alike. None where the source cannot be walked or read cleanly (a read says why)."""
+        report = ParseReport()
+        try:
+            files = source_files(Path(self.path).expanduser(), report)
+        except OSError:
+            return None
+        if report.incomplete_files:
+            return None
+        digest = hashlib.blake2b(digest_size=20)
+        for part in (self.source_key, self.default_user_id, str(self.max_message_chars)):
+            digest.update(part.encode() + b"\0")
+        digest.update(_reader_code())
+        try:
+            for path in files:
+                with path.open("rb") as f:
+                    digest.update(f"{path}\0{os.fstat(f.fileno()).st_size}\0".encode())
+                    while block := f.read(_HASH_BLOCK):
+                        digest.update(block)
+        except OSError:
+            return None
+        return digest.hexdigest()
+
+
+_HASH_BLOCK = 1 << 20
+
+
+@functools.cache
+def _reader_code() -> bytes:
+    """A digest of the library's code (readers, ingest and all): after any change to it, the
+    first read of a source is a full one."""
+    lib = Path(__file__).parents[1]
+    digest = hashlib.blake2b(digest_size=20)
+    for module in sorted(lib.rglob("*.py")):
+        digest.update(str(module.relative_to(lib)).encode() + b"\0" + module.read_bytes())
+    return digest.digest()
