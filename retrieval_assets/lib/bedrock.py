@@ -23,7 +23,6 @@ import dagster as dg
 import numpy as np
 import orjson
 from dagster._config.field_utils import IntEnvVar
-from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr, field_validator
 
 from retrieval_assets.lib.bedrock_emulator import (
@@ -75,9 +74,22 @@ class LocalFaults(dg.Config):
     seed: int | None = Field(default=None, description="Seed of the draws (reproducible runs).")
 
 
-class BedrockResource(ResourceWithBoto3Configuration):
+class BedrockResource(dg.ConfigurableResource):
     """Amazon Bedrock Titan Text Embeddings v2, or the local endpoint that stands in for it."""
 
+    # The boto3 session's settings, as dagster-aws's ResourceWithBoto3Configuration names them.
+    # Not inherited from it: importing dagster_aws runs its package's __init__, which imports
+    # Dagster's test utilities (1-2 s of every command, code server and worker start).
+    region_name: str | None = Field(default=None, description="AWS region of Bedrock.")
+    profile_name: str | None = Field(default=None, description="AWS profile of the session.")
+    use_ssl: bool = Field(default=True, description="Use SSL.")
+    endpoint_url: str | None = Field(
+        default=None, description="A Bedrock runtime endpoint other than AWS's."
+    )
+    verify: bool | None = Field(default=True, description="Verify SSL certificates.")
+    aws_access_key_id: str | None = Field(default=None, description="AWS access key id.")
+    aws_secret_access_key: str | None = Field(default=None, description="AWS secret access key.")
+    aws_session_token: str | None = Field(default=None, description="AWS session token.")
     model_id: str = Field(default=TITAN_MODEL_ID, description="Bedrock model id.")
     dimensions: int = Field(
         default=DEFAULT_TITAN_DIMENSIONS,
