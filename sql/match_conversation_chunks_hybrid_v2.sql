@@ -11,6 +11,7 @@
 -- another window of the same exchange); where no neighbour is a candidate, the fused score of a
 -- chunk both lists missed. A question's words are often spread over neighbouring exchanges (the
 -- topic in one, the answer in the next). The same fusion as retrieval_assets.lib.search.fuse.
+-- A NULL weight means its default (a client of the RPC may send one).
 -- The dense list comes from match_conversation_chunks_by_tier (HNSW, iterative scan: the full
 -- count under a user filter). SECURITY INVOKER: row-level security of the caller applies.
 
@@ -81,17 +82,21 @@ AS $$
                d.embedding_model,
                d.similarity AS dense_similarity,
                l.score AS lexical_score,
-               (1 - lexical_weight) * coalesce(d.z, lowest.dense_z)
-               + lexical_weight * coalesce(l.z, lowest.lexical_z) AS score,
-               (1 - lexical_weight) * lowest.dense_z + lexical_weight * lowest.lexical_z
-                   AS missed
+               (1 - w.lexical) * coalesce(d.z, lowest.dense_z)
+               + w.lexical * coalesce(l.z, lowest.lexical_z) AS score,
+               (1 - w.lexical) * lowest.dense_z + w.lexical * lowest.lexical_z AS missed,
+               w.context
         FROM dense d
         FULL OUTER JOIN lexical l ON l.chunk_id = d.chunk_id
         CROSS JOIN lowest
+        CROSS JOIN (
+            SELECT coalesce(lexical_weight, {lexical_weight}) AS lexical,
+                   coalesce(context_weight, {context_weight}) AS context
+        ) w
     )
     SELECT f.chunk_id, f.conversation_id, f.user_id, f.tier, f.turn_start, f.turn_end, f.roles,
            f.content, f.created_at, f.embedding_model, f.dense_similarity, f.lexical_score,
-           f.score + context_weight * coalesce(n.best, f.missed) AS score
+           f.score + f.context * coalesce(n.best, f.missed) AS score
     FROM fused f
     LEFT JOIN LATERAL (
         SELECT max(g.score) AS best

@@ -90,6 +90,27 @@ def test_upgrade_downgrade_upgrade(fresh_url):
     assert current_revision(fresh_url) == head_revision()
 
 
+def test_the_hybrid_functions_default_to_the_librarys_weights(fresh_url):
+    """A Supabase client calling the RPC without weights gets the fusion the Python side uses."""
+    from retrieval_assets.lib.search import CONTEXT_WEIGHT, HYBRID_CANDIDATES, LEXICAL_WEIGHT
+
+    command.upgrade(alembic_config(fresh_url), "head")
+    with connect(fresh_url) as conn:
+        arguments = dict(
+            conn.execute(
+                "SELECT proname, pg_get_function_arguments(oid) FROM pg_proc "
+                "WHERE proname LIKE 'match_conversation_chunks_hybrid%'"
+            ).fetchall()
+        )
+    for name in ("match_conversation_chunks_hybrid", "match_conversation_chunks_hybrid_by_tier"):
+        assert f"lexical_weight double precision DEFAULT {LEXICAL_WEIGHT}" in arguments[name]
+        assert f"context_weight double precision DEFAULT {CONTEXT_WEIGHT}" in arguments[name]
+    assert (
+        f"candidates integer DEFAULT {HYBRID_CANDIDATES}"
+        in arguments["match_conversation_chunks_hybrid_by_tier"]
+    )
+
+
 def test_upgrade_replaces_an_ivfflat_index(fresh_url):
     cfg = alembic_config(fresh_url)
     command.downgrade(cfg, "base")
@@ -255,7 +276,7 @@ FROZEN_SQL = {
         "3a55a8799bfa0fa7d169f752b89b5c72f54c5cce3a66fc489f84d07f90556ae5"
     ),
     "match_conversation_chunks_hybrid_v2.sql": (
-        "99dc1c5d514c49a16333afe9bbf5f9e817c51f7bbd35bf13797c7fc39132ad3b"
+        "c58de20656f8e252898ea550bac81d0ed1e4799635110388f49c8199263d8373"
     ),
 }
 

@@ -118,8 +118,13 @@ def test_supabase_users_read_only_their_own_rows_even_through_match(supabase_lik
                 conn.execute(statement)
     with connect(supabase_like, autocommit=True) as conn:
         conn.execute("SET ROLE anon")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("SELECT count(*) FROM conversation_chunks")
+        for statement in (
+            "SELECT count(*) FROM conversation_chunks",
+            "SELECT count(*) FROM match_conversation_chunks_hybrid(%s, 'tulips')",
+            "SELECT count(*) FROM match_conversation_chunks_hybrid_by_tier(%s, 'tulips')",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement, [query] if "%s" in statement else None)
 
 
 def test_plain_postgres_is_left_without_policies(db):

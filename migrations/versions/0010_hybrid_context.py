@@ -2,9 +2,9 @@
 
 The hybrid match functions gain `context_weight`: each chunk's fused score gains that share of
 the best fused score among its neighbours (the candidates of its conversation and tier whose
-turns touch its own). On LoCoMo's development split this raised hybrid hit@5 from 0.75 to 0.80,
-chosen by leave-one-conversation-out with the lexical weight (tests/benchmarks/
-test_quality_bench.py). The functions' argument lists change, so they are dropped and created
+turns touch its own), chosen by leave-one-conversation-out on LoCoMo's development split with the
+lexical weight (tests/benchmarks/test_quality_bench.py; the README has the figures). A NULL
+weight means its default. The functions' argument lists change, so they are dropped and created
 again; on Supabase, `authenticated` may call them and `anon` may not, as before. A downgrade
 restores revision 0009's functions. Frozen: plain SQL, nothing imported from the package.
 """

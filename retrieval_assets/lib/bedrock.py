@@ -78,8 +78,9 @@ class BedrockResource(dg.ConfigurableResource):
     """Amazon Bedrock Titan Text Embeddings v2, or the local endpoint that stands in for it."""
 
     # The boto3 session's settings, as dagster-aws's ResourceWithBoto3Configuration names them.
-    # Not inherited from it: importing dagster_aws runs its package's __init__, which imports
-    # Dagster's test utilities (1-2 s of every command, code server and worker start).
+    # Not inherited from it: installed, dagster-aws registers Dagster components that every
+    # definitions load imports, its package's __init__ Dagster's test utilities with them (a
+    # cost of every command, code server and worker start; figures in the README).
     region_name: str | None = Field(default=None, description="AWS region of Bedrock.")
     profile_name: str | None = Field(default=None, description="AWS profile of the session.")
     use_ssl: bool = Field(default=True, description="Use SSL.")

@@ -319,11 +319,12 @@ class ConversationSummary:
 
 
 def stored_fingerprint(conn: psycopg.Connection, source: str) -> str:
-    """A digest of the conversations stored from `source` (their keys and content hashes): it
-    changes when any of them is written, moved or deleted, by a run or by hand."""
+    """A digest of the conversations stored from `source` (their keys, owners, export ids and
+    content hashes): it changes when a run or a hand writes, moves or deletes one of them."""
     count, total = one(
         conn,
-        "SELECT count(*), coalesce(sum(hashtextextended(id || ':' || content_hash, 0)), 0) "
+        "SELECT count(*), coalesce(sum(hashtextextended("
+        "concat_ws(':', id, user_id, external_id, content_hash), 0)), 0) "
         "FROM conversations WHERE source = %s",
         [source],
     )

@@ -6,10 +6,11 @@
   per-user statistics of match_conversation_chunks_lexical).
 - hybrid (the default): the best `HYBRID_CANDIDATES` of each, each list's scores standardised
   (z-scores), fused with weight `LEXICAL_WEIGHT` on the lexical side; a chunk one list did not
-  return takes that list's lowest z-score. Postgres fuses the same way in SQL
-  (match_conversation_chunks_hybrid), so the two stores agree.
+  return takes that list's lowest z-score. Each chunk then gains `CONTEXT_WEIGHT` times the best
+  fused score among its neighbours in the candidates (see `fuse`). Postgres fuses the same way in
+  SQL (match_conversation_chunks_hybrid), so the two stores agree.
 
-The weight and depth were chosen by leave-one-conversation-out on the LoCoMo development split
+The weights and depth were chosen by leave-one-conversation-out on the LoCoMo development split
 (tests/benchmarks/test_quality_bench.py prints the choice per fold).
 """
 

@@ -1,4 +1,5 @@
-"""The rerank's scoring over Arrow columns as LanceDB returns them (chunked, sliced, with NULLs)."""
+"""The rerank's scoring over Arrow columns as LanceDB returns them (chunked, sliced, with NULLs),
+the hybrid fusion's arithmetic and the canary's counting."""
 
 import numpy as np
 import pyarrow as pa

@@ -10,6 +10,7 @@ from retrieval_assets.defs.checked import asset_spec, materializing, wanted
 from retrieval_assets.lib.chunking import CHUNKER_VERSION, ChunkerResource
 from retrieval_assets.lib.ingest import (
     ChunkSummary,
+    Collision,
     ConversationSummary,
     chunk_count,
     chunk_summary,
@@ -91,8 +92,8 @@ def conversations(
     fingerprint = conversation_source.fingerprint()
     source = conversation_source.source_key
     with postgres.get_connection() as conn:
-        last = _same_as_last_read(context, fingerprint, stored_fingerprint(conn, source))
-        if last is not None:
+        last = fingerprint and _same_as_last_read(context, fingerprint, conn, source)
+        if last:
             stored = conversation_summary(conn)
             context.log.info(
                 f"source unchanged since the last complete read: not parsed; "
@@ -195,16 +196,16 @@ def conversations(
 
 _SOURCE_FINGERPRINT = "source_fingerprint"
 _STORED_FINGERPRINT = "stored_fingerprint"
+# The last read's figures a skipped read repeats in its checks and log.
+_REPEATED_COUNTS = ("conversations_read", "rejected", "rejected_records")
 
 
 def _same_as_last_read(
-    context: dg.AssetExecutionContext, fingerprint: str | None, stored: str
+    context: dg.AssetExecutionContext, fingerprint: str, conn: psycopg.Connection, source: str
 ) -> dict[str, Any] | None:
     """The metadata of the last materialization when it read the same source (`fingerprint`)
     completely, with no collision or held-back record (their outcome depends on other sources),
-    and the conversations stored from it are still as it left them (`stored`); else None."""
-    if fingerprint is None:
-        return None
+    and the conversations stored from it are still as it left them; else None."""
     event = context.instance.get_latest_materialization_event(CONVERSATIONS)
     materialization = event.asset_materialization if event is not None else None
     if materialization is None:
@@ -218,8 +219,9 @@ def _same_as_last_read(
         value("deletions_propagated") is True
         and value("collisions") == 0
         and value("held_back") == 0
+        and all(isinstance(value(k), int) for k in _REPEATED_COUNTS)
         and value(_SOURCE_FINGERPRINT) == fingerprint
-        and value(_STORED_FINGERPRINT) == stored
+        and value(_STORED_FINGERPRINT) == stored_fingerprint(conn, source)
     )
     return last if clean else None
 
@@ -241,7 +243,7 @@ def _source_checks(
     rejected_records: int,
     rejected: int,
     held_back: int,
-    collisions: list,
+    collisions: list[Collision],
 ) -> list[dg.AssetCheckResult]:
     collided = "\n".join(
         f"- user {c.user_id!r}, id {c.external_id!r}: stored from {c.stored_source}"

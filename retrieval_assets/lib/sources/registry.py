@@ -4,12 +4,13 @@ chatgpt.py) and one line in RECORD_FORMATS. JSONL is a format of the whole file 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ class ConversationSourceResource(dg.ConfigurableResource):
         digest = hashlib.blake2b(digest_size=20)
         for part in (self.source_key, self.default_user_id, str(self.max_message_chars)):
             digest.update(part.encode() + b"\0")
-        digest.update(_reader_code())
+        digest.update(_READER_CODE)
         try:
             for path in files:
                 with path.open("rb") as f:
@@ -168,12 +169,16 @@ class ConversationSourceResource(dg.ConfigurableResource):
 _HASH_BLOCK = 1 << 20
 
 
-@functools.cache
-def _reader_code() -> bytes:
-    """A digest of the library's code (readers, ingest and all): after any change to it, the
-    first read of a source is a full one."""
-    lib = Path(__file__).parents[1]
+def _code_digest() -> bytes:
+    """A digest of the package's code (readers, ingest, the assets and all) and of the JSON
+    parser and Python it runs on: after any change to them, the first read of a source is a
+    full one. Taken at import, so a process labels reads with the code it runs."""
+    package = Path(__file__).parents[2]
     digest = hashlib.blake2b(digest_size=20)
-    for module in sorted(lib.rglob("*.py")):
-        digest.update(str(module.relative_to(lib)).encode() + b"\0" + module.read_bytes())
+    digest.update(f"{sys.version}\0{metadata.version('ijson')}\0".encode())
+    for module in sorted(package.rglob("*.py")):
+        digest.update(str(module.relative_to(package)).encode() + b"\0" + module.read_bytes())
     return digest.digest()
+
+
+_READER_CODE = _code_digest()
