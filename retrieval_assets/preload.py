@@ -29,16 +29,15 @@ def _import_instance_storage() -> None:
     instance is not opened: a connection must not cross a fork. Without this each step process
     imported them itself, about 1.5 s per step."""
     from dagster._core.instance.ref import InstanceRef
+    from dagster._serdes import ConfigurableClassData
 
     for module in ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql", "alembic"):
         importlib.import_module(module)
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         return
-    ref = InstanceRef.from_dir(home)
-    for name in dir(ref):
-        data = getattr(ref, name) if name.endswith("_data") else None
-        if data is not None and hasattr(data, "module_name"):
+    for data in InstanceRef.from_dir(home)._asdict().values():
+        if isinstance(data, ConfigurableClassData):
             getattr(importlib.import_module(data.module_name), data.class_name, None)
 
 

@@ -31,9 +31,7 @@ def test_the_canary_counts_answers_in_the_top_5_and_says_when_nothing_was_measur
     from retrieval_assets.lib.search import Hit
 
     def hit(conversation: str, user: str, turn: int) -> Hit:
-        return Hit(
-            "c", conversation, user, "medium", ("user",), turn, turn, "x", None, 1.0, "hybrid"
-        )
+        return _hit("c", 1.0, conversation, (turn, turn), user=user)
 
     answers = {p.question: p for p in PROBES}
 
@@ -59,10 +57,11 @@ def _hit(
     conversation: str = "c1",
     turns: tuple[int, int] = (0, 1),
     tier: str = "medium",
+    user: str = "u",
 ):
     from retrieval_assets.lib.search import Hit
 
-    return Hit(chunk, conversation, "u", tier, ("user",), *turns, chunk, None, score, "dense")
+    return Hit(chunk, conversation, user, tier, ("user",), *turns, chunk, None, score, "dense")
 
 
 def test_fusion_adds_the_best_neighbours_score_within_a_conversation_and_tier():

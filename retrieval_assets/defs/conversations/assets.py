@@ -127,7 +127,7 @@ def conversations(
         )
         stored = conversation_summary(conn)
         stored_metadata = _stored_metadata(conn, stored)
-        after = stored_fingerprint(conn, source)
+        after = stored_fingerprint(conn, source) if fingerprint else ""
     if report.conversations == 0 and (report.rejected or report.errors):
         raise dg.Failure(
             f"no conversation could be read from {conversation_source.path}",
