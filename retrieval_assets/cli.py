@@ -27,9 +27,18 @@ MAIN_JOB = "retrieval_job"
 
 
 POSTGRES_STORAGE = """
-# Added because DAGSTER_POSTGRES_URL is set: runs, events and schedules in Postgres.
-storage:
-  postgres:
+# Added because DAGSTER_POSTGRES_URL is set: runs and schedules in Postgres (the event log's
+# class above follows the same variable).
+run_storage:
+  module: dagster_postgres.run_storage
+  class: PostgresRunStorage
+  config:
+    postgres_url:
+      env: DAGSTER_POSTGRES_URL
+schedule_storage:
+  module: dagster_postgres.schedule_storage
+  class: PostgresScheduleStorage
+  config:
     postgres_url:
       env: DAGSTER_POSTGRES_URL
 """

@@ -1,13 +1,24 @@
-"""The Dagster instance: the project's dagster.yaml, and Postgres storage by environment."""
+"""The Dagster instance: the project's dagster.yaml, Postgres storage by environment, and pool
+slots that many runs claiming at once never take past the pool's limit."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
+
 import dagster as dg
 import psycopg
+import pytest
 import yaml
 
 from retrieval_assets import cli
 from tests import PROJECT_ROOT
+from tests.services import database_on
+
+CLAIMERS = 8
 
 
 def test_local_instance_uses_the_project_settings(tmp_path, monkeypatch):
@@ -21,6 +32,7 @@ def test_local_instance_uses_the_project_settings(tmp_path, monkeypatch):
     assert config["concurrency"]["pools"]["default_limit"] >= 1
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+    assert type(instance.event_log_storage).__name__ == "_SqliteEventLogStorage"
     assert instance.run_retries_enabled
 
 
@@ -37,6 +49,8 @@ def test_postgres_instance_storage_by_environment(tmp_path, monkeypatch, pg_url)
     assert url not in written  # the URL stays in the environment
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "_PostgresEventLogStorage"
+    assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
 
     @dg.asset
     def probe() -> None:
@@ -46,3 +60,52 @@ def test_postgres_instance_storage_by_environment(tmp_path, monkeypatch, pg_url)
     assert instance.get_run_by_id(result.run_id).is_success
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_runs_claiming_a_pool_at_once_never_exceed_its_limit(store, tmp_path, monkeypatch, request):
+    """Eight runs, on an instance no run has used yet, set up the `bedrock` pool (default limit
+    1) and claim its slot at the same moment, and again as it frees: each gets it once, one at a
+    time. Dagster's own storage gave the one slot to two or three of them at once, on SQLite as on
+    Postgres, and on Postgres all but one failed setting the pool up."""
+    environ = {"DAGSTER_HOME": str(tmp_path)}
+    if store == "postgres":
+        environ["DAGSTER_POSTGRES_URL"] = database_on(request.getfixturevalue("pg_url"), "pools")
+    else:
+        monkeypatch.delenv("DAGSTER_POSTGRES_URL", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    cli._ensure_dagster_home()
+    dg.DagsterInstance.get().dispose()  # its tables made, as a deployment's first start does
+    claimers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.pool_claimer", f"run-{i}"],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **environ},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(CLAIMERS)
+    ]
+    try:
+        for claimer in claimers:  # every one has opened the instance
+            assert claimer.stdout.readline().strip() == "ready"
+        for claimer in claimers:
+            claimer.stdin.write("go\n")
+            claimer.stdin.flush()
+        held = []
+        for claimer in claimers:
+            out, _ = claimer.communicate(timeout=120)
+            assert claimer.returncode == 0, out
+            held.append(json.loads(out))
+    finally:
+        for claimer in claimers:
+            claimer.kill()
+            claimer.wait()
+    held.sort()
+    overlapping = [(a, b) for a, b in itertools.pairwise(held) if b[0] < a[1]]
+    assert not overlapping, f"two runs held the one slot at once: {overlapping}"
+    with dg.DagsterInstance.get() as instance:  # set up once, though all found it missing
+        info = instance.event_log_storage.get_concurrency_info("bedrock")
+        assert (info.slot_count, info.claimed_slots) == (1, [])
