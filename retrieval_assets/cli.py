@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -26,12 +26,30 @@ from retrieval_assets.lib.paths import DEFAULT_DATA_DIR, INSTANCE_DIR
 MAIN_JOB = "retrieval_job"
 
 
+# Added to the project's dagster.yaml for each instance: its storage, Dagster's own except that
+# pool slots are claimed and freed under one lock (lib/instance_storage.py says why). SQLite in the
+# instance's folder, or Postgres when DAGSTER_POSTGRES_URL is set (the URL stays in the
+# environment, never in the file).
+SQLITE_STORAGE = """
+# Added for this instance: the event log (with the pools' slots) in its folder.
+event_log_storage:
+  module: retrieval_assets.lib.instance_storage
+  class: PoolSafeSqliteEventLogStorage
+  config:
+    base_dir: {base_dir}
+"""
 POSTGRES_STORAGE = """
-# Added because DAGSTER_POSTGRES_URL is set: runs and schedules in Postgres (the event log's
-# class above follows the same variable).
+# Added because DAGSTER_POSTGRES_URL is set: runs, events (with the pools' slots) and schedules
+# in Postgres.
 run_storage:
   module: dagster_postgres.run_storage
   class: PostgresRunStorage
+  config:
+    postgres_url:
+      env: DAGSTER_POSTGRES_URL
+event_log_storage:
+  module: retrieval_assets.lib.instance_storage
+  class: PoolSafePostgresEventLogStorage
   config:
     postgres_url:
       env: DAGSTER_POSTGRES_URL
@@ -44,11 +62,16 @@ schedule_storage:
 """
 
 
-def instance_yaml() -> str:
-    """The instance configuration: the project's dagster.yaml, plus Postgres storage when
-    DAGSTER_POSTGRES_URL is set (the URL stays in the environment, never in the file)."""
+def instance_yaml(home: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The configuration of the instance in folder `home`: the project's dagster.yaml and the
+    storage section, Postgres where `environ` sets DAGSTER_POSTGRES_URL."""
+    import json
+
     text = (INSTANCE_DIR / "dagster.yaml").read_text()
-    return text + POSTGRES_STORAGE if os.environ.get("DAGSTER_POSTGRES_URL") else text
+    if environ.get("DAGSTER_POSTGRES_URL"):
+        return text + POSTGRES_STORAGE
+    base_dir = os.path.join(os.path.abspath(home), "history", "runs")  # Dagster's own place
+    return text + SQLITE_STORAGE.format(base_dir=json.dumps(base_dir))  # JSON is YAML: quoted
 
 
 def _ensure_dagster_home() -> None:
@@ -56,7 +79,7 @@ def _ensure_dagster_home() -> None:
     home = os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DATA_DIR / "dagster"))
     os.makedirs(home, exist_ok=True)
     path = os.path.join(home, "dagster.yaml")
-    wanted = instance_yaml()
+    wanted = instance_yaml(home)
     if os.path.islink(path) or not os.path.exists(path) or open(path).read() != wanted:
         if os.path.lexists(path):
             os.unlink(path)

@@ -87,9 +87,7 @@ def celery_cluster(pg_url: str, root: Path, first: int, new: int) -> Iterator[Cl
         }
         # The instance file (Postgres storage), written once before workers and runs read it.
         (root / "home").mkdir()
-        instance = cli.instance_yaml()
-        if cli.POSTGRES_STORAGE not in instance:
-            instance += cli.POSTGRES_STORAGE
+        instance = cli.instance_yaml(env["DAGSTER_HOME"], env)
         (root / "home" / "dagster.yaml").write_text(instance)
         for conversations, extra in ((first, ["--with-vectors"]), (first + new, [])):
             write_jsonl_source(root / "source", range(conversations))

@@ -69,7 +69,7 @@ def test_loading_the_code_location_imports_no_model_or_store_library():
 def test_workspace_yaml_loads_through_dagster_cli(tmp_path):
     # Its own instance, written from the project's dagster.yaml as `retrieval-assets ui` writes
     # it: the check must not depend on what an earlier command left in .data/.
-    (tmp_path / "dagster.yaml").write_text(instance_yaml())
+    (tmp_path / "dagster.yaml").write_text(instance_yaml(str(tmp_path)))
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
         capture_output=True,
@@ -215,4 +215,4 @@ def test_every_asset_has_the_ingestion_freshness_policy_and_the_instance_evaluat
     for key in graph.get_all_asset_keys():
         assert graph.get(key).freshness_policy == INGESTION_FRESHNESS, key
     assert INGESTION_FRESHNESS.warn_window.to_timedelta().total_seconds() == 3600
-    assert yaml.safe_load(instance_yaml())["freshness"] == {"enabled": True}
+    assert yaml.safe_load(instance_yaml("."))["freshness"] == {"enabled": True}

@@ -22,17 +22,23 @@ CLAIMERS = 8
 
 
 def test_local_instance_uses_the_project_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    home = tmp_path / "home with space"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.delenv("DAGSTER_POSTGRES_URL", raising=False)
     cli._ensure_dagster_home()
-    config = yaml.safe_load((tmp_path / "dagster.yaml").read_text())
+    config = yaml.safe_load((home / "dagster.yaml").read_text())
+    storage = config.pop("event_log_storage")
     assert config == yaml.safe_load((PROJECT_ROOT / "dagster.yaml").read_text())
     assert config["telemetry"] == {"enabled": False}
     assert config["run_retries"]["enabled"] is True
     assert config["concurrency"]["pools"]["default_limit"] >= 1
-    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    # the event log's place is the instance's, whatever the opening process's DAGSTER_HOME
+    assert storage["config"] == {"base_dir": str(home / "history" / "runs")}
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
+    instance = dg.DagsterInstance.from_config(str(home))
     assert type(instance.run_storage).__name__ == "SqliteRunStorage"
-    assert type(instance.event_log_storage).__name__ == "_SqliteEventLogStorage"
+    assert type(instance.event_log_storage).__name__ == "PoolSafeSqliteEventLogStorage"
+    assert instance.event_log_storage._base_dir == str(home / "history" / "runs")
     assert instance.run_retries_enabled
 
 
@@ -49,7 +55,7 @@ def test_postgres_instance_storage_by_environment(tmp_path, monkeypatch, pg_url)
     assert url not in written  # the URL stays in the environment
     instance = dg.DagsterInstance.from_config(str(tmp_path))
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-    assert type(instance.event_log_storage).__name__ == "_PostgresEventLogStorage"
+    assert type(instance.event_log_storage).__name__ == "PoolSafePostgresEventLogStorage"
     assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
 
     @dg.asset
@@ -109,3 +115,43 @@ def test_runs_claiming_a_pool_at_once_never_exceed_its_limit(store, tmp_path, mo
     with dg.DagsterInstance.get() as instance:  # set up once, though all found it missing
         info = instance.event_log_storage.get_concurrency_info("bedrock")
         assert (info.slot_count, info.claimed_slots) == (1, [])
+
+
+def _write_default_limit(home, limit: int) -> None:
+    path = home / "dagster.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["concurrency"]["pools"]["default_limit"] = limit
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_pool_follows_a_changed_default_and_keeps_a_users_limit(
+    store, tmp_path, monkeypatch, request
+):
+    """A pool set up from the default limit follows dagster.yaml when the default changes (on
+    Postgres Dagster's own update failed: its insert of the existing pool aborted the
+    transaction); a limit a user set stays."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    if store == "postgres":
+        url = database_on(request.getfixturevalue("pg_url"), "pool_defaults")
+        monkeypatch.setenv("DAGSTER_POSTGRES_URL", url)
+    else:
+        monkeypatch.delenv("DAGSTER_POSTGRES_URL", raising=False)
+    cli._ensure_dagster_home()
+
+    def pools() -> dict[str, tuple[int, int, bool]]:
+        with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+            storage = instance.event_log_storage
+            for key in ("bedrock", "local_models"):  # as a run's first claim of each does
+                storage.initialize_concurrency_limit_to_default(key)
+            found = {}
+            for pool in storage.get_pool_limits():
+                slots = storage.get_concurrency_info(pool.name).slot_count
+                found[pool.name] = (pool.limit, slots, pool.from_default)
+            return found
+
+    assert pools() == {"bedrock": (1, 1, True), "local_models": (1, 1, True)}
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        instance.event_log_storage.set_concurrency_slots("local_models", 3)
+    _write_default_limit(tmp_path, 2)
+    assert pools() == {"bedrock": (2, 2, True), "local_models": (3, 3, False)}

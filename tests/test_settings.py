@@ -256,7 +256,7 @@ def tool_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """A clean environment with an instance of its own, plus `settings`."""
     home = tmp_path / "dagster-home"
     home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text(cli.instance_yaml())
+    (home / "dagster.yaml").write_text(cli.instance_yaml(str(home), settings))
     return {
         **clean_environ(),
         "DAGSTER_HOME": str(home),

@@ -1,5 +1,4 @@
-"""The Dagster instance's event log (dagster.yaml: event_log_storage), with every change to its
-pool slots made under one lock.
+"""The Dagster instance's event log, with every change to its pool slots made under one lock.
 
 Dagster (1.13) claims a pool slot in several statements, each committed on its own: it counts the
 slots not yet assigned, marks the step's pending row assigned, then takes a free slot row (whose
@@ -9,15 +8,16 @@ Bedrock quota, two model fills on one machine's cores. It happens on Postgres (w
 commit each statement) and on SQLite alike (tests/test_instance.py makes many runs claim at once).
 
 Here claiming, freeing, and setting or initialising a pool's limit each hold one lock for the
-whole instance while Dagster's own code runs: an advisory lock held by a transaction of its own
-on Postgres (shared by every process and machine that uses the instance; a pooler in
-transaction mode keeps it, as it keeps the transaction), a lock on a file beside the event log
-on SQLite (one machine, which is all SQLite serves). A process that dies holding it releases it
-(the connection or the file closes). The lock is re-entrant within a thread, since Dagster's
-methods call each other.
+whole instance while Dagster's own code runs: on Postgres an advisory lock held by a transaction
+on a connection of its own (shared by every process and machine that uses the instance; a
+pooler in transaction mode keeps it, as it keeps the transaction), on SQLite a lock on a file
+beside the event log (one machine, which is all SQLite serves). A process that dies holding it
+releases it (the connection or the file closes). The lock is re-entrant within a thread, since
+Dagster's methods call each other.
 
-The storage follows the one configuration surface: Postgres at DAGSTER_POSTGRES_URL when that is
-set, else SQLite under DAGSTER_HOME, where Dagster keeps it by default.
+The classes take their parents' configuration; `retrieval_assets.cli.instance_yaml` names them
+in the dagster.yaml it writes for an instance (SQLite under DAGSTER_HOME, or Postgres at
+DAGSTER_POSTGRES_URL).
 """
 
 from __future__ import annotations
@@ -30,13 +30,25 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
-from dagster._core.storage.event_log import EventLogStorage, SqliteEventLogStorage
-from dagster._serdes import ConfigurableClass, ConfigurableClassData
+import sqlalchemy as db
+from dagster._core.storage.event_log import SqlEventLogStorage, SqliteEventLogStorage
+from dagster._core.storage.event_log.schema import ConcurrencyLimitsTable
+from dagster._serdes import ConfigurableClassData
+from dagster_postgres.event_log import PostgresEventLogStorage
+from dagster_postgres.utils import (
+    create_pg_connection,
+    create_pg_engine,
+    get_token_provider_from_config,
+    pg_url_from_config,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 # The advisory lock's key: any constant no other user of the instance's database takes.
 POOL_LOCK_KEY = 0x52_41_50_4F_4F_4C  # "RAPOOL"
 LOCK_FILE = ".pool_slots.lock"
+# A claim waits this long for the lock before it fails, and a holder that stops mid-transaction
+# (a stopped or unreachable process) loses it after this long: no wait is forever.
+LOCK_WAIT = "120s"
 
 
 def _serialized(method: F) -> F:
@@ -48,8 +60,9 @@ def _serialized(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class _SerializedPoolSlots:
-    """Dagster's pool-slot methods, each under the instance's pool lock (`_acquire`)."""
+class _SerializedPoolSlots(SqlEventLogStorage):
+    """Dagster's pool-slot methods, each under the instance's pool lock (`_acquire`); before the
+    SQLite or Postgres storage in a class's bases."""
 
     def _acquire(self) -> AbstractContextManager[None]:
         raise NotImplementedError
@@ -73,41 +86,63 @@ class _SerializedPoolSlots:
 
     @_serialized
     def claim_concurrency_slot(self, *args: Any, **kwargs: Any) -> Any:
-        return super().claim_concurrency_slot(*args, **kwargs)  # type: ignore[misc]
+        return super().claim_concurrency_slot(*args, **kwargs)
 
     @_serialized
     def free_concurrency_slot_for_step(self, *args: Any, **kwargs: Any) -> Any:
-        return super().free_concurrency_slot_for_step(*args, **kwargs)  # type: ignore[misc]
+        return super().free_concurrency_slot_for_step(*args, **kwargs)
 
     @_serialized
     def free_concurrency_slots_for_run(self, *args: Any, **kwargs: Any) -> Any:
-        return super().free_concurrency_slots_for_run(*args, **kwargs)  # type: ignore[misc]
+        return super().free_concurrency_slots_for_run(*args, **kwargs)
 
     @_serialized
     def assign_pending_steps(self, *args: Any, **kwargs: Any) -> Any:
-        return super().assign_pending_steps(*args, **kwargs)  # type: ignore[misc]
+        return super().assign_pending_steps(*args, **kwargs)
 
     @_serialized
     def set_concurrency_slots(self, *args: Any, **kwargs: Any) -> Any:
-        return super().set_concurrency_slots(*args, **kwargs)  # type: ignore[misc]
+        return super().set_concurrency_slots(*args, **kwargs)
 
     @_serialized
     def delete_concurrency_limit(self, *args: Any, **kwargs: Any) -> Any:
-        return super().delete_concurrency_limit(*args, **kwargs)  # type: ignore[misc]
+        return super().delete_concurrency_limit(*args, **kwargs)
 
     @_serialized
     def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
-        """Dagster's, except for a pool another run initialised meanwhile: each run reads the pool
-        before it takes the lock, and Dagster's insert of a limit that exists fails on Postgres
-        (it aborts the transaction its update then needs)."""
-        default = self._instance.global_op_concurrency_default_limit  # type: ignore[attr-defined]
-        found = {pool.name: pool for pool in self.get_pool_limits()}.get(concurrency_key)  # type: ignore[attr-defined]
-        if found is not None and found.from_default and found.limit == default:
+        """Dagster's, for the pool as it is once the lock is held: the caller read it before,
+        and another run may have set it up, or a user set its limit, meanwhile. A pool still on
+        an older default limit is updated here: Dagster's insert of a limit that exists fails
+        on Postgres (it aborts the transaction its update then needs)."""
+        default = self._instance.global_op_concurrency_default_limit if self.has_instance else None
+        pools = {pool.name: pool for pool in self.get_pool_limits()}
+        found = pools.get(concurrency_key)
+        if found is not None and not found.from_default:
+            return True  # a user's limit stands
+        if found is None or default is None:  # set the pool up, or drop a default now unset
+            return super().initialize_concurrency_limit_to_default(concurrency_key)
+        if found.limit == default:
             return True
-        return super().initialize_concurrency_limit_to_default(concurrency_key)  # type: ignore[misc]
+        with self.index_transaction() as conn:
+            conn.execute(
+                ConcurrencyLimitsTable.update()
+                .where(ConcurrencyLimitsTable.c.concurrency_key == concurrency_key)
+                .values(limit=default)
+            )
+            added = self._allocate_concurrency_slots(conn, concurrency_key, default)
+        self.assign_pending_steps(added)
+        return True
 
 
-class _SqliteEventLogStorage(_SerializedPoolSlots, SqliteEventLogStorage):
+class PoolSafeSqliteEventLogStorage(_SerializedPoolSlots, SqliteEventLogStorage):
+    """Dagster's SQLite event log (config: base_dir), pool slots under a file lock."""
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Any
+    ) -> PoolSafeSqliteEventLogStorage:
+        return cls(inst_data=inst_data, **config_value)
+
     @contextmanager
     def _acquire(self) -> Iterator[None]:
         with open(os.path.join(self._base_dir, LOCK_FILE), "a") as handle:
@@ -115,43 +150,30 @@ class _SqliteEventLogStorage(_SerializedPoolSlots, SqliteEventLogStorage):
             yield
 
 
-def _postgres_storage(url: str, inst_data: ConfigurableClassData | None) -> Any:
-    import sqlalchemy as db
-    from dagster_postgres.event_log import PostgresEventLogStorage
-
-    class _PostgresEventLogStorage(_SerializedPoolSlots, PostgresEventLogStorage):
-        @contextmanager
-        def _acquire(self) -> Iterator[None]:
-            with self._engine.connect() as conn:
-                conn = conn.execution_options(isolation_level="READ COMMITTED")
-                with conn.begin():  # the lock ends with this transaction, or its connection
-                    conn.execute(
-                        db.text("SELECT pg_advisory_xact_lock(:key)"), {"key": POOL_LOCK_KEY}
-                    )
-                    yield
-
-    return _PostgresEventLogStorage(postgres_url=url, inst_data=inst_data)
-
-
-class PoolSafeEventLogStorage(EventLogStorage, ConfigurableClass):  # from_config_value builds
-    """The event log: Postgres at DAGSTER_POSTGRES_URL when set, else SQLite in DAGSTER_HOME's
-    history/runs (Dagster's own default place); pool slots serialized in both."""
+class PoolSafePostgresEventLogStorage(_SerializedPoolSlots, PostgresEventLogStorage):
+    """Dagster's Postgres event log (config: postgres_url), pool slots under an advisory lock."""
 
     @classmethod
-    def config_type(cls) -> dict:
-        return {}
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Any
+    ) -> PoolSafePostgresEventLogStorage:
+        return cls(
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            inst_data=inst_data,
+            token_provider=get_token_provider_from_config(config_value),
+        )
 
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Any) -> Any:
-        from retrieval_assets.lib.settings import ConfigError
-
-        url = os.environ.get("DAGSTER_POSTGRES_URL")
-        if url:
-            return _postgres_storage(url, inst_data)
-        home = os.environ.get("DAGSTER_HOME")
-        if not home:
-            raise ConfigError(
-                "DAGSTER_HOME is not set: the instance's event log (SQLite) lives there when "
-                "DAGSTER_POSTGRES_URL is not set"
-            )
-        return _SqliteEventLogStorage(os.path.join(home, "history", "runs"), inst_data=inst_data)
+    @contextmanager
+    def _acquire(self) -> Iterator[None]:
+        # Its own engine without a pool: the webserver's engine keeps one connection, which the
+        # locked method itself needs.
+        engine = self.__dict__.get("_lock_engine")
+        if engine is None:
+            made = create_pg_engine(self.postgres_url, self._token_provider, poolclass=db.NullPool)
+            engine = self.__dict__.setdefault("_lock_engine", made)
+        with create_pg_connection(engine) as conn, conn.begin():  # the lock ends with it
+            conn.execute(db.text(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+            conn.execute(db.text(f"SET LOCAL idle_in_transaction_session_timeout = '{LOCK_WAIT}'"))
+            conn.execute(db.text("SELECT pg_advisory_xact_lock(:key)"), {"key": POOL_LOCK_KEY})
+            yield
