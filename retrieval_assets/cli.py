@@ -388,7 +388,14 @@ def cmd_search(args: argparse.Namespace) -> int:
                 mode=args.mode,
             )
     if not hits:
-        print("no results (has the graph been materialized?)")
+        scope = "".join(
+            f" {name} {value!r}" for name, value in (("of user", args.user), ("in tier", args.tier))
+            if value
+        )  # fmt: skip
+        print(
+            f"no results: no chunk{scope} matched in {args.store} "
+            "(`retrieval-assets status` shows what each store holds)"
+        )
         return 1
     for rank, hit in enumerate(hits, 1):
         parts = [hit.how if hit.model is None else f"{hit.how}: {hit.model}"]

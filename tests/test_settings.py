@@ -637,6 +637,18 @@ def test_production_search_in_lancedb(production: Deployment):
     assert "fever" in found[0][1].lower(), out.stdout
 
 
+@pytest.mark.parametrize("store", ["lancedb", "postgres"])
+def test_a_search_that_matches_nothing_says_what_it_searched(production: Deployment, store):
+    """Lexical, for a user with no chunks: no results, and the message names the user and the
+    store rather than suggesting the graph never ran."""
+    out = search(production, "--mode", "lexical", "--store", store, "--user", "nobody-here")
+    assert out.returncode == 1, output_of(out)
+    assert out.stdout.strip() == (
+        f"no results: no chunk of user 'nobody-here' matched in {store} "
+        "(`retrieval-assets status` shows what each store holds)"
+    )
+
+
 def test_search_into_a_closed_pipe_stops_quietly(production: Deployment):
     """`search ... | head -1`: the reader is gone before the results are written (here before they
     are found): no error message, the exit status of a tool SIGPIPE stopped. Lexical, so
