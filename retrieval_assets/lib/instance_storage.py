@@ -60,6 +60,16 @@ def _serialized(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _locked(name: str) -> Any:
+    """The parent storage's method `name`, under the pool lock."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(super(_SerializedPoolSlots, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return _serialized(method)
+
+
 class _SerializedPoolSlots(SqlEventLogStorage):
     """Dagster's pool-slot methods, each under the instance's pool lock (`_acquire`); before the
     SQLite or Postgres storage in a class's bases."""
@@ -84,29 +94,12 @@ class _SerializedPoolSlots(SqlEventLogStorage):
             finally:
                 held.depth = 0
 
-    @_serialized
-    def claim_concurrency_slot(self, *args: Any, **kwargs: Any) -> Any:
-        return super().claim_concurrency_slot(*args, **kwargs)
-
-    @_serialized
-    def free_concurrency_slot_for_step(self, *args: Any, **kwargs: Any) -> Any:
-        return super().free_concurrency_slot_for_step(*args, **kwargs)
-
-    @_serialized
-    def free_concurrency_slots_for_run(self, *args: Any, **kwargs: Any) -> Any:
-        return super().free_concurrency_slots_for_run(*args, **kwargs)
-
-    @_serialized
-    def assign_pending_steps(self, *args: Any, **kwargs: Any) -> Any:
-        return super().assign_pending_steps(*args, **kwargs)
-
-    @_serialized
-    def set_concurrency_slots(self, *args: Any, **kwargs: Any) -> Any:
-        return super().set_concurrency_slots(*args, **kwargs)
-
-    @_serialized
-    def delete_concurrency_limit(self, *args: Any, **kwargs: Any) -> Any:
-        return super().delete_concurrency_limit(*args, **kwargs)
+    claim_concurrency_slot = _locked("claim_concurrency_slot")
+    free_concurrency_slot_for_step = _locked("free_concurrency_slot_for_step")
+    free_concurrency_slots_for_run = _locked("free_concurrency_slots_for_run")
+    assign_pending_steps = _locked("assign_pending_steps")
+    set_concurrency_slots = _locked("set_concurrency_slots")
+    delete_concurrency_limit = _locked("delete_concurrency_limit")
 
     @_serialized
     def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
