@@ -149,6 +149,8 @@ def test_the_wheel_runs_the_graph_outside_the_checkout_five_times_back_to_back(t
             run,
             (ran.stdout + ran.stderr)[-3000:],
         )
+        # The first run loads the fine model: no "Loading weights" bar from transformers.
+        assert "Loading weights" not in ran.stdout + ran.stderr, run
         # One start for the whole run (the CLI holds it; every step process only attaches),
         # and the run, its last holder, stopped it.
         assert log.read_text().count("ready to accept") - starts_before == 1, run

@@ -332,7 +332,11 @@ class SentenceTransformerResource(_Embedder):
         if self._model is not None:
             return
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        # transformers draws a "Loading weights" bar on stderr for every load: into each fill's
+        # log and before every search's results.
+        transformers_logging.disable_progress_bar()
         started = time.monotonic()
         self._model = SentenceTransformer(
             str(local_model_dir(self.model)), device="cpu", local_files_only=True
