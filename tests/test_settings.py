@@ -750,6 +750,29 @@ def test_production_search_in_postgres_uses_titan(production: Deployment):
 
 
 @pytest.mark.slow
+def test_production_quality_canary_asks_as_the_default_user(production: Deployment, monkeypatch):
+    """The nightly consistency job's retrieval_quality check, under DEFAULT_USER_ID=prod-user:
+    the samples' records that name no user are prod-user's, and the canary asks as prod-user
+    (asked as local-user, half its probes found nothing: a warning for a setting, not search)."""
+    job = ["-m", "retrieval_assets.definitions", "-j", "consistency_check_job"]
+    out = run_tool([str(BIN / "dagster"), "job", "execute", *job], production.env, timeout=900)
+    assert out.returncode == 0, output_of(out)
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", production.settings["DAGSTER_POSTGRES_URL"])
+    instance = dg.DagsterInstance.from_config(production.env["DAGSTER_HOME"])
+    run = instance.get_runs(limit=1)[0]
+    assert run.job_name == "consistency_check_job" and run.is_success
+    (quality,) = [
+        e.dagster_event.event_specific_data
+        for e in instance.all_logs(run.run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.dagster_event.event_specific_data.check_name == "retrieval_quality"
+    ]  # fmt: skip
+    found = {k: v.value for k, v in quality.metadata.items()}
+    assert found["lancedb_hybrid_hit_at_5"] == found["postgres_hybrid_hit_at_5"] == 1.0, found
+    assert quality.passed, found
+
+
+@pytest.mark.slow
 def test_production_definitions_validate(production: Deployment):
     out = validate(production.env)
     assert out.returncode == 0, output_of(out)

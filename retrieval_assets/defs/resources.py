@@ -25,7 +25,7 @@ from retrieval_assets.lib.settings import (
     check_environment,
     is_set,
 )
-from retrieval_assets.lib.sources import ConversationSourceResource, Limits
+from retrieval_assets.lib.sources import DEFAULT_USER_ID, ConversationSourceResource, Limits
 
 
 def _bedrock(data_dir: str) -> BedrockResource:
@@ -65,7 +65,7 @@ def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
         ),
         "conversation_source": ConversationSourceResource(
             path=bind("CONVERSATIONS_SOURCE", DEFAULT_SOURCE),
-            default_user_id=bind("DEFAULT_USER_ID", "local-user"),
+            default_user_id=bind("DEFAULT_USER_ID", DEFAULT_USER_ID),
             max_message_chars=bind_int("MAX_MESSAGE_CHARS", Limits.max_message_chars),
         ),
         "coarse_model": FastEmbedResource(

@@ -49,6 +49,19 @@ def test_the_canary_counts_answers_in_the_top_5_and_says_when_nothing_was_measur
     assert canary_hit_at_5(lambda q, u: []) is None  # no sample conversation stored
     half = iter(range(len(PROBES)))
     assert canary_hit_at_5(lambda q, u: perfect(q, u) if next(half) % 2 else late(q, u)) == 0.5
+    # Where DEFAULT_USER_ID names another user, the samples' records without a user are that
+    # user's: their probes are asked, and answered, as that user.
+    asked = set()
+
+    def as_asked(question: str, user: str) -> list[Hit]:
+        asked.add(user)
+        return perfect(question, user)
+
+    assert canary_hit_at_5(as_asked, "prod-user") == 1.0
+    assert "prod-user" in asked and "local-user" not in asked
+    assert canary_hit_at_5(lambda q, u: perfect(q, "local-user" if u == "prod-user" else u)) == 1.0
+    assert canary_hit_at_5(lambda q, u: perfect(q, "local-user" if u == "prod-user" else u),
+                           "prod-user") == 0.5  # fmt: skip
 
 
 def _hit(

@@ -23,6 +23,7 @@ from retrieval_assets.lib.search import (
     search,
 )
 from retrieval_assets.lib.search_snapshot import build, current
+from retrieval_assets.lib.sources import ConversationSourceResource
 from retrieval_assets.lib.vectors import ensure_coarse_index
 
 COARSE_INDEX = dg.AssetKey(["lancedb", "coarse_index"])
@@ -295,7 +296,9 @@ def retrieval_quality(
     coarse_model: FastEmbedResource,
     fine_model: SentenceTransformerResource,
     titan_model: BedrockResource,
+    conversation_source: ConversationSourceResource,
 ) -> dg.AssetCheckResult:
+    user = conversation_source.default_user_id  # the samples' records that name no user
     with lancedb.get_connection() as db, postgres.get_connection() as conn:
         table = lancedb.chunks_table(db)
         snapshot = current(lancedb.snapshot_root)
@@ -303,10 +306,12 @@ def retrieval_quality(
             "lancedb": canary_hit_at_5(
                 lambda text, user: search(
                     table, coarse_model, fine_model, text, 5, user, snapshot=snapshot
-                )
+                ),
+                user,
             ),
             "postgres": canary_hit_at_5(
-                lambda text, user: postgres_search(conn, titan_model, text, 5, user)
+                lambda text, user: postgres_search(conn, titan_model, text, 5, user),
+                user,
             ),
         }
     measured = {store: v for store, v in found.items() if v is not None}

@@ -20,9 +20,14 @@ from retrieval_assets.lib.sources.domain import (
     parse_timestamp,
 )
 from retrieval_assets.lib.sources.files import source_files
-from retrieval_assets.lib.sources.registry import ConversationSourceResource, read_conversations
+from retrieval_assets.lib.sources.registry import (
+    DEFAULT_USER_ID,
+    ConversationSourceResource,
+    read_conversations,
+)
 
 __all__ = [
+    "DEFAULT_USER_ID",
     "USER_ROLES",
     "BadRecord",
     "Conversation",

@@ -38,6 +38,9 @@ from retrieval_assets.lib.sources.files import (
 
 RECORD_FORMATS = (chatgpt, claude, sharegpt)
 
+# The user of conversations whose export names none, unless DEFAULT_USER_ID says otherwise.
+DEFAULT_USER_ID = "local-user"
+
 
 def from_record(
     record: Any, name: str, origin: str, default_user: str, limits: Limits, report: ParseReport
@@ -119,7 +122,7 @@ class ConversationSourceResource(dg.ConfigurableResource):
         "or a directory holding any of these. Default: the bundled samples.",
     )
     default_user_id: str = Field(
-        default="local-user",
+        default=DEFAULT_USER_ID,
         description="User id for conversations whose export does not name one.",
     )
     max_message_chars: int = Field(
